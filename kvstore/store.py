@@ -1,0 +1,1116 @@
+"""SnapshotStore: durable, exact, shared prompt-cache snapshots on disk.
+
+A snapshot is the prompt cache of one token sequence for one model
+fingerprint. Its positional KV (KVCache, QuantizedKVCache,
+ConcatenateKVCache layers) lives in shared segment blobs: a snapshot
+references a prefix of an earlier snapshot's segments for the tokens they
+share and writes a new segment only for the rest, so ten conversations over
+one system prompt store that prompt once. Segments are reference counted and
+removed with the last snapshot that uses them. Non-positional state
+(recurrent state, rotating windows) goes into one blob owned by the snapshot.
+
+Write order: blobs (tmp, fsync, rename), then one short LMDB transaction.
+Reads verify tokens, sizes, checksums, shapes and dtypes; anything wrong is a
+miss with a logged, counted reason. Store faults never raise out of ``put``
+or ``fetch_nearest``: they return ``None`` / a miss (fail open).
+"""
+
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from . import blobs as B
+from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable, UnsupportedCache
+from .index import Index, pack, unpack
+from .keys import TokenChain, as_tokens, namespace
+
+log = logging.getLogger("kvstore")
+
+FORMAT_VERSION = B.FORMAT_VERSION
+TIERS = ("system", "user", "assistant")
+# eviction order: lower rank goes first
+TIER_RANK = {"assistant": 0, "user": 1, "system": 2}
+DEFAULT_BLOCK = 64
+DEFAULT_MAP_SIZE = 32 << 30
+MAX_CANDIDATES = 16
+# seconds a snapshot that failed to load is skipped by this process
+BAD_TTL = 60.0
+SETTINGS = "store.json"
+CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by kvstore.\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
+
+
+@dataclass
+class SnapshotInfo:
+    """One snapshot as ``entries()`` lists it (no blob I/O needed)."""
+
+    key: str
+    fingerprint: str
+    model: str
+    tier: str
+    tokens: int
+    bytes: int
+    shared_bytes: int
+    created: float
+    accessed: float
+    hits: int
+    trimmable: bool
+    blobs: list = field(default_factory=list)
+
+    def token_ids(self, store):
+        """The snapshot's token ids (read from the index)."""
+        return store.tokens_of(self.key)
+
+
+@dataclass
+class Problem:
+    """One fault ``verify`` or ``gc`` found."""
+
+    kind: str
+    key: str | None
+    blob: str | None
+    reason: str
+
+
+def _now():
+    return time.time()
+
+
+def _hex(b):
+    return b.hex()
+
+
+class SnapshotStore:
+    """A directory of snapshots shared by any number of processes.
+
+    Args:
+        path: the store directory; created (0700) if missing.
+        map_size: LMDB map size in bytes, fixed when the store is created.
+        block_tokens: token block size of the key chain, fixed at creation.
+        max_bytes: optional disk budget; ``put`` evicts a bounded number of
+            lower-tier, least recently used snapshots to stay under it.
+        readonly: open without creating or writing anything.
+        fsync: fsync blobs and folders (leave on outside tests and benchmarks).
+        access_flush: seconds between batched writes of access times and hits.
+    """
+
+    def __init__(self, path, *, map_size=None, block_tokens=None, max_bytes=None,
+                 readonly=False, fsync=True, access_flush=5.0):
+        self.path = Path(os.path.realpath(os.fspath(path)))
+        self.readonly = readonly
+        self.fsync = fsync
+        self.max_bytes = max_bytes
+        self.access_flush = access_flush
+        self.counters = Counter()
+        self._pending = {}
+        self._pending_since = None
+        self._bad = {}
+        self._lock = threading.RLock()
+        self._fds = {}
+        self._fd_pid = None
+        settings = self._open_root(map_size, block_tokens)
+        self.block = settings["block_tokens"]
+        self.map_size = settings["map_size"]
+        self.index = Index(self.path / "index", self.map_size, readonly=readonly)
+        self.index.env  # open now: fail early and clear stale readers
+
+    # ------------------------------------------------------------------ setup
+    def _open_root(self, map_size, block_tokens):
+        if not self.readonly:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreUnavailable(f"{self.path} is not a directory")
+        if not self.readonly:
+            for sub in ("blobs", "tmp", "quarantine", "index"):
+                try:
+                    os.mkdir(self.path / sub, 0o700)
+                except FileExistsError:
+                    pass
+            tag = self.path / "CACHEDIR.TAG"
+            if not tag.exists():
+                self._write_new(tag, CACHEDIR_TAG.encode())
+        spath = self.path / SETTINGS
+        if not spath.exists():
+            if self.readonly:
+                raise StoreUnavailable(f"{self.path} is not a kvstore store (no {SETTINGS})")
+            settings = {
+                "format": FORMAT_VERSION,
+                "block_tokens": int(block_tokens or DEFAULT_BLOCK),
+                "map_size": int(map_size or DEFAULT_MAP_SIZE),
+                "created": _now(),
+            }
+            if settings["block_tokens"] < 1 or settings["map_size"] < (1 << 20):
+                raise InvalidInput("block_tokens must be >= 1 and map_size >= 1 MiB")
+            self._write_new(spath, json.dumps(settings, indent=1).encode())
+        try:
+            fd = os.open(spath, os.O_RDONLY | B._NOFOLLOW | B._CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                settings = json.loads(f.read(1 << 16))
+            if settings.get("format") != FORMAT_VERSION:
+                raise StoreUnavailable(f"{self.path} has store format {settings.get('format')}, "
+                                       f"this kvstore reads {FORMAT_VERSION}")
+            settings["block_tokens"] = int(settings["block_tokens"])
+            settings["map_size"] = int(settings["map_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreUnavailable(f"cannot read {spath}: {exc}") from exc
+        return settings
+
+    def _write_new(self, path, data):
+        """Create a file once, atomically, without replacing a concurrent winner."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{B.new_id()[:8]}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+
+    def _fd(self, name):
+        """Directory fds (opened without following symlinks), per process."""
+        if self._fd_pid != os.getpid():
+            self._fds, self._fd_pid = {}, os.getpid()
+        fd = self._fds.get(name)
+        if fd is None:
+            root = B.open_dir(str(self.path))
+            try:
+                fd = B.open_dir(name, dir_fd=root)
+            finally:
+                os.close(root)
+            self._fds[name] = fd
+        return fd
+
+    def close(self):
+        """Flush pending access updates and release the index and folders."""
+        try:
+            self.flush_access()
+        except KVStoreError:
+            pass
+        if self._fd_pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+        self.index.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------- accounting
+    def _fault(self, what, exc, key=None):
+        reason = f"{type(exc).__name__}: {exc}"
+        self.counters["faults"] += 1
+        self.counters[f"faults.{what}"] += 1
+        log.warning("kvstore %s failed%s: %s", what, f" for {key}" if key else "", reason)
+        return reason
+
+    def _touch(self, key):
+        with self._lock:
+            last, hits = self._pending.get(key, (0.0, 0))
+            self._pending[key] = (_now(), hits + 1)
+            if self._pending_since is None:
+                self._pending_since = time.monotonic()
+            due = time.monotonic() - self._pending_since >= self.access_flush or len(self._pending) >= 256
+        if due:
+            try:
+                self.flush_access()
+            except KVStoreError as exc:
+                self._fault("access-flush", exc)
+
+    def flush_access(self):
+        """Write batched access times and hit counts in one small transaction."""
+        with self._lock:
+            pending, self._pending, self._pending_since = self._pending, {}, None
+        if not pending or self.readonly:
+            return
+        try:
+            with self.index.begin(write=True) as txn:
+                acc, snap = self.index.db("acc"), self.index.db("snap")
+                for key, (t, hits) in pending.items():
+                    if txn.get(key, db=snap) is None:
+                        continue
+                    old = txn.get(key, db=acc)
+                    prev = unpack(old, "access record") if old else {}
+                    txn.put(key, pack({"a": max(t, prev.get("a", 0.0)), "h": prev.get("h", 0) + hits}), db=acc)
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"cannot record access times: {exc}") from exc
+
+    # -------------------------------------------------------------------- put
+    def put(self, fp, tokens, cache, tier="system", *, tenant=None):
+        """Store ``cache`` (prefilled with exactly ``tokens``) and return its key.
+
+        Returns the hex key, or ``None`` when the store could not take it
+        (disk or map full, I/O error): the fault is logged and counted, and
+        nothing already stored is touched. Raises ``InvalidInput`` /
+        ``UnsupportedCache`` for arguments that can never be stored.
+        """
+        if tier not in TIERS:
+            raise InvalidInput(f"tier must be one of {TIERS}, got {tier!r}")
+        if self.readonly:
+            raise StoreUnavailable("the store is open read-only")
+        toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
+        n = len(toks)
+        if n == 0:
+            raise InvalidInput("cannot store an empty prompt")
+        from . import codec
+
+        enc = codec.encode(cache, n)
+        sig = codec.signature(enc.layout, enc.positional, enc.state)
+        try:
+            chain = TokenChain(namespace(fp, tenant), toks, self.block)
+            return self._put(fp, chain, enc, sig, tier, tenant is not None, dedup=True)
+        except InvalidInput:
+            raise
+        except (KVStoreError, OSError, lmdb.Error) as exc:
+            self._fault("put", exc)
+            self.counters["put_failures"] += 1
+            return None
+
+    def _put(self, fp, chain, enc, sig, tier, tenanted, dedup):
+        n = len(chain)
+        key = chain.key(n)
+        toks = chain.tokens
+        snap_db, model_db = self.index.db("snap"), self.index.db("model")
+        base, shared = [], 0
+        with self.index.begin() as txn:
+            old = txn.get(key, db=snap_db)
+            if old is not None and self._same_tokens(unpack(old), toks):
+                self.counters["put_existing"] += 1
+                self._touch(key)
+                return _hex(key)
+            known = txn.get(fp.encode(), db=model_db)
+            if known is not None and unpack(known, "model record").get("sig") != sig:
+                raise InvalidInput(
+                    f"this cache's layout differs from the one stored for {fp}: "
+                    "the fingerprint does not match the model or cache options"
+                )
+            if enc.positional and dedup:
+                base, shared = self._dedup_base(txn, fp, chain, n)
+        written = []
+        try:
+            seg = None
+            if enc.positional and shared < n:
+                tensors = {name: (d, a[:, :, shared:n, :], 2) for name, (d, a) in enc.positional.items()}
+                seg_id, size, hs = B.write_blob(
+                    self._fd("blobs"), self._fd("tmp"), tensors,
+                    {"kvstore.kind": "segment", "kvstore.fp": fp}, fsync=self.fsync,
+                )
+                written.append(seg_id)
+                seg = (bytes.fromhex(seg_id), n - shared, size, hs)
+            state = None
+            if enc.state:
+                tensors = {name: (d, a, None) for name, (d, a) in enc.state.items()}
+                st_id, size, hs = B.write_blob(
+                    self._fd("blobs"), self._fd("tmp"), tensors,
+                    {"kvstore.kind": "state", "kvstore.fp": fp}, fsync=self.fsync,
+                )
+                written.append(st_id)
+                state = [bytes.fromhex(st_id), size, hs]
+            extents = [list(e) for e in base] + ([[seg[0], seg[1]]] if seg else [])
+            own = (seg[2] if seg else 0) + (state[1] if state else 0)
+            record = {
+                "v": FORMAT_VERSION, "fp": str(fp), "tier": tier, "n": n, "tok": toks.tobytes(),
+                "lay": enc.layout, "ext": extents, "st": state, "trim": enc.trimmable,
+                "own": own, "t": _now(), "ten": tenanted,
+                # the chain links this record is indexed under (delete needs
+                # them, and they cannot be rebuilt without the tenant salt)
+                "links": b"".join(chain.links[1 : n // self.block + 1]),
+                "endl": chain.links[n // self.block],
+            }
+            model_rec = {"name": getattr(fp, "name", "") or "", "type": getattr(fp, "model_type", "") or "",
+                         "vocab": getattr(fp, "vocab_size", None), "sig": sig, "t": _now()}
+            result = self._commit_put(key, chain, record, seg, base, fp, model_rec)
+            if result == "retry":
+                # a shared segment vanished under us: store the prefix ourselves
+                for blob_id in written:
+                    B.unlink_blob(self._fd("blobs"), blob_id)
+                written = []
+                self.counters["put_dedup_races"] += 1
+                return self._put(fp, chain, enc, sig, tier, tenanted, dedup=False)
+            if result == "exists":
+                for blob_id in written:
+                    B.unlink_blob(self._fd("blobs"), blob_id)
+                self.counters["put_existing"] += 1
+                return _hex(key)
+        except BaseException:
+            for blob_id in written:
+                B.unlink_blob(self._fd("blobs"), blob_id)
+            raise
+        self.counters["puts"] += 1
+        self.counters["put_tokens_shared"] += shared
+        self.counters["bytes_written"] += own
+        if self.max_bytes is not None:
+            self._enforce_budget()
+        return _hex(key)
+
+    def _commit_put(self, key, chain, record, seg, base, fp, model_rec):
+        n = record["n"]
+        db = self.index.db
+        with self.index.begin(write=True) as txn:
+            old = txn.get(key, db=db("snap"))
+            if old is not None:
+                try:
+                    if self._same_tokens(unpack(old), chain.tokens):
+                        return "exists"
+                except CorruptSnapshot:
+                    pass
+                self._delete_in(txn, key, unpack_safe(old))
+            for seg_id, _rows in base:
+                raw = txn.get(seg_id, db=db("seg"))
+                if raw is None:
+                    txn.abort()
+                    return "retry"
+                rec = unpack(raw, "segment record")
+                rec["refs"] += 1
+                txn.put(seg_id, pack(rec), db=db("seg"))
+            if seg is not None:
+                seg_id, rows, size, hs = seg
+                txn.put(seg_id, pack({"v": FORMAT_VERSION, "fp": str(fp), "rows": rows, "size": size,
+                                      "hs": hs, "refs": 1, "t": _now()}), db=db("seg"))
+            txn.put(key, pack(record), db=db("snap"))
+            txn.put(key, pack({"a": record["t"], "h": 0}), db=db("acc"))
+            for k in range(1, n // self.block + 1):
+                txn.put(chain.links[k], key, db=db("thru"), dupdata=True)
+            txn.put(chain.links[n // self.block], n.to_bytes(4, "big") + key, db=db("ends"), dupdata=True)
+            if txn.get(str(fp).encode(), db=db("model")) is None:
+                txn.put(str(fp).encode(), pack(model_rec), db=db("model"))
+            self._meta_add(txn, "bytes", record["own"])
+            self._meta_add(txn, "snapshots", 1)
+        return "ok"
+
+    def _meta_add(self, txn, name, delta):
+        db = self.index.db("meta")
+        raw = txn.get(name.encode(), db=db)
+        value = int(raw.decode()) if raw else 0
+        txn.put(name.encode(), str(max(0, value + delta)).encode(), db=db)
+
+    def _meta_get(self, txn, name):
+        raw = txn.get(name.encode(), db=self.index.db("meta"))
+        return int(raw.decode()) if raw else 0
+
+    @staticmethod
+    def _same_tokens(record, toks):
+        raw = record.get("tok")
+        return isinstance(raw, bytes) and raw == toks.tobytes()
+
+    def _deepest_link(self, txn, chain, limit):
+        """Deepest k <= limit with chain.links[k] in ``thru`` (0 if none)."""
+        thru = self.index.db("thru")
+        lo, hi = 0, min(limit, len(chain.links) - 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if txn.get(chain.links[mid], db=thru) is not None:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _through(self, txn, link):
+        """Up to MAX_CANDIDATES snapshot keys passing through ``link``."""
+        cur = txn.cursor(db=self.index.db("thru"))
+        out = []
+        if cur.set_key(link):
+            for value in cur.iternext_dup():
+                out.append(bytes(value))
+                if len(out) >= MAX_CANDIDATES:
+                    break
+        return out
+
+    def _common(self, record, toks, limit):
+        raw = record.get("tok")
+        if not isinstance(raw, bytes):
+            return 0
+        other = np.frombuffer(raw, dtype="<i4")
+        m = min(len(other), len(toks), limit)
+        diff = np.flatnonzero(other[:m] != toks[:m])
+        return int(diff[0]) if diff.size else m
+
+    def _dedup_base(self, txn, fp, chain, n):
+        """Extents of an earlier snapshot covering the longest shared prefix."""
+        k = self._deepest_link(txn, chain, n // self.block)
+        if k == 0:
+            return [], 0
+        best, best_rec = 0, None
+        snap = self.index.db("snap")
+        for cand in self._through(txn, chain.links[k]):
+            raw = txn.get(cand, db=snap)
+            if raw is None:
+                continue
+            try:
+                rec = unpack(raw)
+            except CorruptSnapshot:
+                continue
+            if not rec.get("ext") or rec.get("fp") != str(fp):
+                continue
+            common = self._common(rec, chain.tokens, n)
+            if common > best:
+                best, best_rec = common, rec
+        if best_rec is None:
+            return [], 0
+        base, covered = [], 0
+        for seg_id, rows in best_rec["ext"]:
+            if covered >= best:
+                break
+            take = min(rows, best - covered)
+            base.append((bytes(seg_id), take))
+            covered += take
+        return base, covered
+
+    # ------------------------------------------------------------------ fetch
+    def fetch_nearest(self, fp, tokens, *, tenant=None):
+        """Return ``(cache, rest)``: the best safe snapshot for ``tokens``.
+
+        The best of: the exact entry (served one token short if trimmable),
+        the longest stored prefix, and (only for fully trimmable snapshots)
+        the shared prefix of a longer entry, loading only that prefix's bytes.
+        ``rest`` is never empty; on a miss the result is ``(None, tokens)``.
+        The returned cache is a fresh object no other caller shares. Faults
+        (corrupt, missing or foreign blobs, I/O errors) are misses, logged
+        and counted; invalid tokens raise ``InvalidInput``.
+        """
+        toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
+        rest_all = toks.tolist()
+        if len(toks) < 2:
+            self.counters["misses"] += 1
+            return None, rest_all
+        try:
+            chain = TokenChain(namespace(fp, tenant), toks, self.block)
+            for plan in self._plans(fp, chain):
+                cache = self._load(fp, chain, plan)
+                if cache is not None:
+                    key, n = plan[0], plan[1]
+                    self.counters["hits"] += 1
+                    self.counters["tokens_reused"] += n
+                    self._touch(key)
+                    return cache, rest_all[n:]
+        except (KVStoreError, OSError, lmdb.Error) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            self._fault("fetch", exc)
+        self.counters["misses"] += 1
+        return None, rest_all
+
+    def lookup(self, fp, tokens, *, tenant=None):
+        """The match ``fetch_nearest`` would try first, without loading blobs.
+
+        Returns ``(key_hex, tokens_reused, kind)`` with kind one of ``exact``,
+        ``shorter``, ``longer``, or ``None`` when nothing matches.
+        """
+        toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
+        if len(toks) < 2:
+            return None
+        chain = TokenChain(namespace(fp, tenant), toks, self.block)
+        for key, n, kind, _rec in self._plans(fp, chain):
+            return _hex(key), n, kind
+        return None
+
+    def _plans(self, fp, chain):
+        """Candidate (key, tokens to serve, kind, record), best first."""
+        m = len(chain)
+        db = self.index.db
+        out = []
+        with self.index.begin() as txn:
+            snap = db("snap")
+
+            def record(key):
+                if time.monotonic() - self._bad.get(key, -1e9) < BAD_TTL:
+                    return None
+                raw = txn.get(key, db=snap)
+                if raw is None:
+                    return None
+                try:
+                    rec = unpack(raw)
+                except CorruptSnapshot as exc:
+                    self._fault("fetch", exc, _hex(key))
+                    self._bad[key] = time.monotonic()
+                    return None
+                if rec.get("v") != FORMAT_VERSION or rec.get("fp") != str(fp):
+                    return None
+                return rec
+
+            exact = chain.key(m)
+            rec = record(exact)
+            if rec is not None and self._same_tokens(rec, chain.tokens) and rec.get("trim"):
+                out.append((exact, m - 1, "exact", rec))
+            k = self._deepest_link(txn, chain, m // self.block)
+            # longer (or equal) trimmable entries sharing a prefix
+            cands = self._through(txn, chain.links[k]) if k > 0 else []
+            cur = txn.cursor(db=db("ends"))
+            if cur.set_key(chain.links[m // self.block]):
+                for value in cur.iternext_dup():
+                    cands.append(bytes(value[4:]))
+                    if len(cands) >= 2 * MAX_CANDIDATES:
+                        break
+            for cand in dict.fromkeys(cands):
+                rec = record(cand)
+                if rec is None or not rec.get("trim"):
+                    continue
+                common = min(self._common(rec, chain.tokens, m), m - 1)
+                if common > 0 and common < rec.get("n", 0):
+                    out.append((cand, common, "longer", rec))
+            # the longest stored prefix shorter than the request
+            for level in range(min(k, (m - 1) // self.block), -1, -1):
+                if not cur.set_key(chain.links[level]):
+                    continue
+                found = None
+                for value in cur.iternext_dup():
+                    n = int.from_bytes(value[:4], "big")
+                    if n >= m or n == 0:
+                        continue
+                    key = bytes(value[4:])
+                    if chain.key(n) != key:
+                        continue
+                    rec = record(key)
+                    if rec is not None and self._same_tokens(rec, chain.tokens[:n]):
+                        if found is None or n > found[1]:
+                            found = (key, n, "shorter", rec)
+                if found is not None:
+                    out.append(found)
+                    break
+        # most tokens first; on a tie prefer an exact-length checkpoint
+        rank = {"shorter": 0, "exact": 1, "longer": 2}
+        out.sort(key=lambda p: (-p[1], rank[p[2]]))
+        return out[:3]
+
+    def _load(self, fp, chain, plan):
+        key, n, kind, rec = plan
+        from . import codec
+        import mlx.core as mx
+
+        try:
+            if not self._same_tokens_prefix(rec, chain.tokens, n):
+                raise CorruptSnapshot("stored tokens do not match")
+            with self.index.begin() as txn:
+                model_raw = txn.get(str(fp).encode(), db=self.index.db("model"))
+                segs = {}
+                for seg_id, _rows in rec["ext"]:
+                    raw = txn.get(bytes(seg_id), db=self.index.db("seg"))
+                    if raw is None:
+                        raise CorruptSnapshot(f"segment {_hex(bytes(seg_id))} is missing from the index")
+                    segs[bytes(seg_id)] = unpack(raw, "segment record")
+            if model_raw is None:
+                raise CorruptSnapshot(f"no layout recorded for {fp}")
+            sig = unpack(model_raw, "model record")["sig"]
+            tensors = sig["tensors"]
+            positional = {}
+            specs = codec.positional_specs(rec["lay"])
+            cap = codec.headroom(n)
+            dests = {}
+            for name, _path in specs:
+                if name not in tensors:
+                    raise CorruptSnapshot(f"tensor {name} is not in the model layout")
+                sdtype, (b_, h_, x_) = tensors[name][0], tensors[name][1]
+                dests[name] = (sdtype, np.zeros((b_, h_, cap, x_), dtype=B.DTYPES[sdtype]))
+            if dests:
+                pos = 0
+                for seg_id, rows in rec["ext"]:
+                    if pos >= n:
+                        break
+                    take = min(int(rows), n - pos)
+                    srec = segs[bytes(seg_id)]
+                    with B.BlobReader(self._fd("blobs"), _hex(bytes(seg_id)), srec["size"], srec["hs"]) as r:
+                        for name, (sdtype, dest) in dests.items():
+                            shape = r.shape(name)
+                            if r.dtype(name) != sdtype or (shape[0], shape[1], shape[3]) != dest.shape[:2] + dest.shape[3:]:
+                                raise CorruptSnapshot(f"segment tensor {name} has shape {shape} {r.dtype(name)}")
+                            if shape[2] < take:
+                                raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
+                            view = dest.reshape(-1, cap, dest.shape[3])[:, pos : pos + take, :]
+                            r.read_rows(name, take, view)
+                    pos += take
+                if pos < n:
+                    raise CorruptSnapshot(f"segments cover {pos} of {n} tokens")
+                positional = {name: codec.to_mx(dest, sdtype) for name, (sdtype, dest) in dests.items()}
+            state = {}
+            if rec.get("st"):
+                st_id, size, hs = rec["st"]
+                with B.BlobReader(self._fd("blobs"), _hex(bytes(st_id)), size, hs) as r:
+                    for name in r.tensors:
+                        arr = r.read(name)
+                        want = tensors.get(name)
+                        if want is None or want[0] != r.dtype(name):
+                            raise CorruptSnapshot(f"state tensor {name} is not in the model layout")
+                        shape = list(arr.shape)
+                        if name.endswith((".k", ".v")):
+                            shape = [shape[0], shape[1], shape[3]] if len(shape) == 4 else shape
+                        if shape != list(want[1]):
+                            raise CorruptSnapshot(f"state tensor {name} has shape {arr.shape}, want {want[1]}")
+                        state[name] = codec.to_mx(arr, r.dtype(name))
+            cache = codec.decode(rec["lay"], positional, state, n)
+            mx.eval([a for a in list(positional.values()) + list(state.values())])
+            return cache
+        except (CorruptSnapshot, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+            self.counters["misses.corrupt"] += 1
+            self._bad[key] = time.monotonic()
+            self._fault("load", exc if isinstance(exc, KVStoreError) else CorruptSnapshot(repr(exc)), _hex(key))
+            return None
+
+    @staticmethod
+    def _same_tokens_prefix(rec, toks, n):
+        raw = rec.get("tok")
+        return isinstance(raw, bytes) and len(raw) >= 4 * n and raw[: 4 * n] == toks[:n].tobytes()
+
+    # -------------------------------------------------------- listing, delete
+    def tokens_of(self, key):
+        """The token ids of one snapshot (``InvalidInput`` if there is none)."""
+        rec = self._record(key)
+        return np.frombuffer(rec["tok"], dtype="<i4").tolist()
+
+    def _record(self, key):
+        kb = self._key_bytes(key)
+        with self.index.begin() as txn:
+            raw = txn.get(kb, db=self.index.db("snap"))
+        if raw is None:
+            raise InvalidInput(f"no snapshot {key}")
+        return unpack(raw)
+
+    def resolve(self, prefix):
+        """Full key for a unique key prefix (as ``ls`` prints short keys)."""
+        prefix = prefix.lower()
+        if len(prefix) == 32:
+            return prefix
+        if not prefix or any(c not in "0123456789abcdef" for c in prefix):
+            raise InvalidInput(f"not a snapshot key: {prefix!r}")
+        found = []
+        with self.index.begin() as txn:
+            cur = txn.cursor(db=self.index.db("snap"))
+            start = bytes.fromhex(prefix + "0" * (len(prefix) % 2))
+            if cur.set_range(start):
+                for k in cur.iternext(keys=True, values=False):
+                    if not k.hex().startswith(prefix):
+                        break
+                    found.append(k.hex())
+                    if len(found) > 1:
+                        break
+        if len(found) != 1:
+            raise InvalidInput(f"key prefix {prefix!r} matches {'no' if not found else 'several'} snapshots")
+        return found[0]
+
+    @staticmethod
+    def _key_bytes(key):
+        try:
+            kb = bytes.fromhex(key) if isinstance(key, str) else bytes(key)
+        except ValueError:
+            raise InvalidInput(f"not a snapshot key: {key!r}") from None
+        if len(kb) != 16:
+            raise InvalidInput(f"not a snapshot key: {key!r}")
+        return kb
+
+    def entries(self, *, fingerprint=None, tier=None):
+        """Every snapshot as a ``SnapshotInfo`` (index only, no blob I/O)."""
+        self.flush_access()
+        out = []
+        with self.index.begin() as txn:
+            seg_db, acc_db, model_db = (self.index.db(n) for n in ("seg", "acc", "model"))
+            names = {}
+            for k, raw in txn.cursor(db=self.index.db("snap")):
+                try:
+                    rec = unpack(raw)
+                except CorruptSnapshot:
+                    out.append(SnapshotInfo(k.hex(), "?", "?", "?", 0, 0, 0, 0.0, 0.0, 0, False))
+                    continue
+                if fingerprint is not None and rec.get("fp") != str(fingerprint):
+                    continue
+                if tier is not None and rec.get("tier") != tier:
+                    continue
+                fp = rec.get("fp", "?")
+                if fp not in names:
+                    m = txn.get(fp.encode(), db=model_db)
+                    names[fp] = (unpack(m, "model record").get("name") if m else "") or fp
+                shared, blob_ids = 0, []
+                for seg_id, rows in rec.get("ext", []):
+                    s = txn.get(bytes(seg_id), db=seg_db)
+                    blob_ids.append(bytes(seg_id).hex())
+                    srec = unpack_safe(s) if s is not None else {}
+                    if srec.get("refs", 0) > 1:
+                        # bytes of segments this snapshot reads that others use too
+                        shared += srec["size"] * min(rows, srec["rows"]) // max(srec["rows"], 1)
+                if rec.get("st"):
+                    blob_ids.append(bytes(rec["st"][0]).hex())
+                a = txn.get(k, db=acc_db)
+                acc = unpack(a, "access record") if a else {}
+                out.append(SnapshotInfo(
+                    key=k.hex(), fingerprint=fp, model=names[fp], tier=rec.get("tier", "?"),
+                    tokens=rec.get("n", 0), bytes=rec.get("own", 0), shared_bytes=shared,
+                    created=rec.get("t", 0.0), accessed=acc.get("a", rec.get("t", 0.0)),
+                    hits=acc.get("h", 0), trimmable=bool(rec.get("trim")), blobs=blob_ids,
+                ))
+        return out
+
+    def delete(self, key):
+        """Delete one snapshot; return the bytes freed on disk (0 if it was not there).
+
+        Shared segments are freed only when no other snapshot uses them.
+        """
+        kb = self._key_bytes(key)
+        try:
+            with self.index.begin(write=True) as txn:
+                raw = txn.get(kb, db=self.index.db("snap"))
+                if raw is None:
+                    return 0
+                doomed, freed = self._delete_in(txn, kb, unpack_safe(raw))
+        except lmdb.Error as exc:
+            raise StoreUnavailable(f"cannot delete {key}: {exc}") from exc
+        for blob_id in doomed:
+            B.unlink_blob(self._fd("blobs"), blob_id)
+        self._bad.pop(kb, None)
+        self.counters["deletes"] += 1
+        return freed
+
+    def _delete_in(self, txn, kb, rec):
+        """Remove a record and its index entries inside ``txn``; return (blobs to unlink, bytes)."""
+        db = self.index.db
+        doomed, freed = [], 0
+        n = rec.get("n", 0)
+        for seg_id, _rows in rec.get("ext", []) or []:
+            seg_id = bytes(seg_id)
+            s = txn.get(seg_id, db=db("seg"))
+            if s is None:
+                continue
+            srec = unpack_safe(s)
+            refs = srec.get("refs", 1) - 1
+            if refs <= 0:
+                txn.delete(seg_id, db=db("seg"))
+                doomed.append(seg_id.hex())
+                freed += srec.get("size", 0)
+            else:
+                srec["refs"] = refs
+                txn.put(seg_id, pack(srec), db=db("seg"))
+        if rec.get("st"):
+            doomed.append(bytes(rec["st"][0]).hex())
+            freed += rec["st"][1]
+        links = rec.get("links") or b""
+        for i in range(0, len(links), 16):
+            txn.delete(bytes(links[i : i + 16]), kb, db=db("thru"))
+        if rec.get("endl"):
+            txn.delete(bytes(rec["endl"]), int(n).to_bytes(4, "big") + kb, db=db("ends"))
+        txn.delete(kb, db=db("snap"))
+        txn.delete(kb, db=db("acc"))
+        self._meta_add(txn, "bytes", -freed)
+        self._meta_add(txn, "snapshots", -1)
+        return doomed, freed
+
+    # ------------------------------------------------------- stats, policies
+    def stats(self):
+        """Totals by model and tier, disk and map use, and this process's counters."""
+        entries = self.entries()
+        by_model, by_tier = {}, {t: {"snapshots": 0, "tokens": 0, "bytes": 0} for t in TIERS}
+        for e in entries:
+            m = by_model.setdefault(e.model, {"fingerprint": e.fingerprint, "snapshots": 0, "tokens": 0, "bytes": 0})
+            for d in (m, by_tier.setdefault(e.tier, {"snapshots": 0, "tokens": 0, "bytes": 0})):
+                d["snapshots"] += 1
+                d["tokens"] += e.tokens
+                d["bytes"] += e.bytes
+        env = self.index.env
+        info, st = env.info(), env.stat()
+        with self.index.begin() as txn:
+            segs = txn.stat(self.index.db("seg"))["entries"]
+            indexed = self._meta_get(txn, "bytes")
+        return {
+            "path": str(self.path),
+            "snapshots": len(entries),
+            "segments": segs,
+            "bytes": indexed,
+            "tokens": sum(e.tokens for e in entries),
+            "hits": sum(e.hits for e in entries),
+            "by_model": by_model,
+            "by_tier": by_tier,
+            "map_size": info["map_size"],
+            "map_used": (info["last_pgno"] + 1) * st["psize"],
+            "block_tokens": self.block,
+            "counters": dict(self.counters),
+        }
+
+    def plan_prune(self, *, max_bytes=None, older_than=None, tier=None, fingerprint=None, keep_last=None):
+        """Snapshots ``prune`` would delete, in deletion order.
+
+        Lower tiers go first (assistant, user, system) and, within a tier, the
+        least recently used. ``older_than`` (seconds since last access),
+        ``tier`` and ``fingerprint`` select candidates; ``keep_last`` spares
+        the N most recently used of each model; ``max_bytes`` deletes only
+        until the store fits.
+        """
+        entries = self.entries(fingerprint=fingerprint)
+        keep = set()
+        if keep_last:
+            by_model = {}
+            for e in entries:
+                by_model.setdefault(e.fingerprint, []).append(e)
+            for group in by_model.values():
+                group.sort(key=lambda e: -e.accessed)
+                keep.update(e.key for e in group[:keep_last])
+        now = _now()
+        tiers = {tier} if isinstance(tier, str) else set(tier) if tier else None
+        cands = [
+            e for e in entries
+            if e.key not in keep
+            and (tiers is None or e.tier in tiers)
+            and (older_than is None or now - e.accessed >= older_than)
+        ]
+        cands.sort(key=lambda e: (TIER_RANK.get(e.tier, -1), e.accessed))
+        if max_bytes is None:
+            return cands
+        with self.index.begin() as txn:
+            total = self._meta_get(txn, "bytes")
+        plan = []
+        for e in cands:
+            if total <= max_bytes:
+                break
+            plan.append(e)
+            total -= e.bytes
+        return plan
+
+    def total_bytes(self):
+        """Bytes of every blob the index references (shared segments once)."""
+        with self.index.begin() as txn:
+            return self._meta_get(txn, "bytes")
+
+    def prune(self, **policy):
+        """Delete what ``plan_prune(**policy)`` selects; return ``(count, bytes freed)``.
+
+        With ``max_bytes`` the real total is checked after each delete, since
+        a snapshot whose segments others share frees less than its size.
+        """
+        limit = policy.get("max_bytes")
+        plan = self.plan_prune(**{**policy, "max_bytes": None})
+        count = freed = 0
+        for e in plan:
+            if limit is not None and self.total_bytes() <= limit:
+                break
+            freed += self.delete(e.key)
+            count += 1
+        return count, freed
+
+    def _enforce_budget(self, limit=8):
+        """Bounded eviction on the write path: at most ``limit`` snapshots per put."""
+        try:
+            with self.index.begin() as txn:
+                total = self._meta_get(txn, "bytes")
+            if total <= self.max_bytes:
+                return
+            for e in self.plan_prune()[:limit]:
+                if self.total_bytes() <= self.max_bytes:
+                    break
+                self.delete(e.key)
+                self.counters["evictions"] += 1
+        except (KVStoreError, OSError, lmdb.Error) as exc:
+            self._fault("evict", exc)
+
+    def verify(self, keys=None, fix=False):
+        """Check every record and blob (or those of ``keys``); return ``[Problem]``.
+
+        Reads each blob whole and checks header, size and every checksum.
+        With ``fix=True`` bad blobs are moved to ``quarantine/`` and the
+        snapshots that use them are deleted.
+        """
+        problems = []
+        wanted = None if keys is None else {self._key_bytes(k) for k in keys}
+        checked = {}
+        bad_keys = []
+        with self.index.begin() as txn:
+            seg_db = self.index.db("seg")
+            items = list(txn.cursor(db=self.index.db("snap")))
+            segs = {bytes(k): bytes(v) for k, v in txn.cursor(db=seg_db)}
+        for kb, raw in items:
+            kb = bytes(kb)
+            if wanted is not None and kb not in wanted:
+                continue
+            try:
+                rec = unpack(raw)
+                if rec.get("v") != FORMAT_VERSION:
+                    raise CorruptSnapshot(f"record format version {rec.get('v')}")
+                toks = rec.get("tok")
+                if not isinstance(toks, bytes) or len(toks) != 4 * rec.get("n", -1):
+                    raise CorruptSnapshot("token list does not match the token count")
+                blob_list = []
+                covered = 0
+                for seg_id, rows in rec.get("ext", []):
+                    seg_id = bytes(seg_id)
+                    if seg_id not in segs:
+                        raise CorruptSnapshot(f"segment {seg_id.hex()} is missing from the index")
+                    srec = unpack(segs[seg_id], "segment record")
+                    if rows > srec["rows"]:
+                        raise CorruptSnapshot(f"extent of {rows} rows in a {srec['rows']}-row segment")
+                    covered += rows
+                    blob_list.append((seg_id.hex(), srec["size"], srec["hs"]))
+                if rec.get("ext") and covered != rec["n"]:
+                    raise CorruptSnapshot(f"segments cover {covered} of {rec['n']} tokens")
+                if rec.get("st"):
+                    st_id, size, hs = rec["st"]
+                    blob_list.append((bytes(st_id).hex(), size, hs))
+            except (CorruptSnapshot, KeyError, TypeError, ValueError) as exc:
+                problems.append(Problem("record", kb.hex(), None, str(exc)))
+                bad_keys.append((kb, None))
+                continue
+            for blob_id, size, hs in blob_list:
+                if blob_id not in checked:
+                    try:
+                        with B.BlobReader(self._fd("blobs"), blob_id, size, hs) as r:
+                            r.verify()
+                        checked[blob_id] = None
+                    except FileNotFoundError:
+                        checked[blob_id] = "blob file is missing"
+                    except (CorruptSnapshot, OSError) as exc:
+                        checked[blob_id] = str(exc)
+                if checked[blob_id] is not None:
+                    problems.append(Problem("blob", kb.hex(), blob_id, checked[blob_id]))
+                    bad_keys.append((kb, blob_id))
+        if fix:
+            for blob_id, reason in checked.items():
+                if reason is not None:
+                    self._quarantine(blob_id)
+            for kb, _ in dict.fromkeys(bad_keys):
+                self._force_delete(kb)
+        return problems
+
+    def _quarantine(self, blob_id):
+        try:
+            sub = B.open_dir(blob_id[:2], dir_fd=self._fd("blobs"))
+        except OSError:
+            return
+        try:
+            os.rename(f"{blob_id}{B.SUFFIX}", f"{blob_id}{B.SUFFIX}", src_dir_fd=sub, dst_dir_fd=self._fd("quarantine"))
+            self.counters["quarantined"] += 1
+        except OSError:
+            pass
+        finally:
+            os.close(sub)
+
+    def _force_delete(self, kb):
+        """Delete a record even when it cannot be decoded."""
+        with self.index.begin(write=True) as txn:
+            raw = txn.get(kb, db=self.index.db("snap"))
+            if raw is None:
+                return
+            rec = unpack_safe(raw)
+            doomed, _ = self._delete_in(txn, kb, rec)
+        for blob_id in doomed:
+            B.unlink_blob(self._fd("blobs"), blob_id)
+
+    def gc(self, grace=3600.0, dry_run=False):
+        """Housekeeping; return ``[Problem]`` for what was (or would be) cleaned.
+
+        Removes temp files and unreferenced blob files older than ``grace``
+        seconds (a put in flight writes its blob before indexing it), records
+        whose blobs are missing or the wrong size, segment records no
+        snapshot uses, access records of deleted snapshots, and clears the
+        reader slots of dead processes.
+        """
+        found = []
+        now = _now()
+        try:
+            self.index.env.reader_check()
+        except lmdb.Error:
+            pass
+        tmp_fd = self._fd("tmp")
+        for name in os.listdir(tmp_fd):
+            try:
+                st = os.stat(name, dir_fd=tmp_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime >= grace:
+                found.append(Problem("temp", None, None, f"temp file {name}"))
+                if not dry_run:
+                    try:
+                        os.unlink(name, dir_fd=tmp_fd)
+                    except FileNotFoundError:
+                        pass
+        with self.index.begin() as txn:
+            items = [(bytes(k), unpack_safe(v)) for k, v in txn.cursor(db=self.index.db("snap"))]
+            segs = {bytes(k): unpack_safe(v) for k, v in txn.cursor(db=self.index.db("seg"))}
+            accs = [bytes(k) for k in txn.cursor(db=self.index.db("acc")).iternext(keys=True, values=False)]
+        wanted, users = {}, Counter()
+        snap_keys = set()
+        for kb, rec in items:
+            snap_keys.add(kb)
+            for seg_id, _rows in rec.get("ext", []) or []:
+                users[bytes(seg_id)] += 1
+                srec = segs.get(bytes(seg_id), {})
+                wanted[bytes(seg_id).hex()] = (kb, srec.get("size"))
+            if rec.get("st"):
+                wanted[bytes(rec["st"][0]).hex()] = (kb, rec["st"][1])
+        blobs_fd = self._fd("blobs")
+        on_disk = {}
+        for sub in os.listdir(blobs_fd):
+            try:
+                sfd = B.open_dir(sub, dir_fd=blobs_fd)
+            except OSError:
+                found.append(Problem("orphan", None, None, f"blobs/{sub} is not a folder"))
+                continue
+            try:
+                for name in os.listdir(sfd):
+                    st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+                    blob_id = name[: -len(B.SUFFIX)] if name.endswith(B.SUFFIX) else None
+                    if blob_id and B.is_blob_id(blob_id) and blob_id[:2] == sub and stat.S_ISREG(st.st_mode):
+                        on_disk[blob_id] = st.st_size
+                        if blob_id in wanted or now - st.st_mtime < grace:
+                            continue
+                    elif now - st.st_mtime < grace:
+                        continue
+                    found.append(Problem("orphan", None, blob_id, f"unreferenced file blobs/{sub}/{name}"))
+                    if not dry_run:
+                        os.unlink(name, dir_fd=sfd)
+            finally:
+                os.close(sfd)
+        broken = set()
+        for blob_id, (kb, size) in wanted.items():
+            if blob_id not in on_disk:
+                broken.add(kb)
+                found.append(Problem("missing", kb.hex(), blob_id, "blob file is missing"))
+            elif size is not None and on_disk[blob_id] != size:
+                broken.add(kb)
+                found.append(Problem("corrupt", kb.hex(), blob_id, f"blob is {on_disk[blob_id]} bytes, index says {size}"))
+                if not dry_run:
+                    self._quarantine(blob_id)
+        stale_segs = [s for s in segs if users[s] == 0]
+        stale_acc = [k for k in accs if k not in snap_keys]
+        for s in stale_segs:
+            found.append(Problem("segment", None, s.hex(), "segment record no snapshot uses"))
+        if not dry_run:
+            for kb in broken:
+                self._force_delete(kb)
+            dropped = []
+            if stale_segs or stale_acc:
+                with self.index.begin(write=True) as txn:
+                    for s in stale_segs:
+                        raw = txn.get(s, db=self.index.db("seg"))
+                        # a put that claimed the segment since our scan bumped its refs
+                        if raw is not None and unpack_safe(raw).get("refs") == segs[s].get("refs"):
+                            txn.delete(s, db=self.index.db("seg"))
+                            dropped.append(s.hex())
+                    for k in stale_acc:
+                        if txn.get(k, db=self.index.db("snap")) is None:
+                            txn.delete(k, db=self.index.db("acc"))
+            for blob_id in dropped:
+                B.unlink_blob(blobs_fd, blob_id)
+        return found
+
+
+def unpack_safe(raw):
+    try:
+        return unpack(raw)
+    except CorruptSnapshot:
+        return {}
+
