@@ -37,17 +37,19 @@ LAYOUT_OPTIONS = ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size
 class Fingerprint(str):
     """A fingerprint string that also carries a readable model name.
 
-    It compares and hashes as the plain string; ``name``, ``model_type`` and
-    ``vocab_size`` are informational (shown by ``kvstore ls``).
+    It compares and hashes as the plain string; ``name``, ``model_type``,
+    ``vocab_size`` and ``path`` are informational (``kvstore ls`` shows the
+    name; ``--decode`` finds the tokenizer by the path).
     """
 
     name: str = ""
     model_type: str = ""
     vocab_size: int | None = None
+    path: str = ""
 
-    def __new__(cls, value, name="", model_type="", vocab_size=None):
+    def __new__(cls, value, name="", model_type="", vocab_size=None, path=""):
         obj = super().__new__(cls, value)
-        obj.name, obj.model_type, obj.vocab_size = name, model_type, vocab_size
+        obj.name, obj.model_type, obj.vocab_size, obj.path = name, model_type, vocab_size, path
         return obj
 
 
@@ -148,10 +150,11 @@ def fingerprint(model_dir, *, adapter_path=None, draft_model=None, **cache_optio
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     model_type = str(config.get("model_type", ""))
     vocab = config.get("vocab_size", text.get("vocab_size"))
-    name = model_dir.resolve().name
+    resolved = model_dir.resolve()
     return Fingerprint(
         f"{model_type or 'model'}-{h.hexdigest()}",
-        name=name,
+        name=resolved.name,
         model_type=model_type,
         vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else None,
+        path=str(resolved),
     )

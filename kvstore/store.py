@@ -340,7 +340,8 @@ class SnapshotStore:
                 "endl": chain.links[n // self.block],
             }
             model_rec = {"name": getattr(fp, "name", "") or "", "type": getattr(fp, "model_type", "") or "",
-                         "vocab": getattr(fp, "vocab_size", None), "sig": sig, "t": _now()}
+                         "vocab": getattr(fp, "vocab_size", None), "path": getattr(fp, "path", "") or "",
+                         "sig": sig, "t": _now()}
             result = self._commit_put(key, chain, record, seg, base, fp, model_rec)
             if result == "retry":
                 # a shared segment vanished under us: store the prefix ourselves
@@ -717,6 +718,15 @@ class SnapshotStore:
         if len(kb) != 16:
             raise InvalidInput(f"not a snapshot key: {key!r}")
         return kb
+
+    def models(self):
+        """``{fingerprint: {"name", "type", "vocab", "path"}}`` of every model the store has seen."""
+        with self.index.begin() as txn:
+            out = {}
+            for k, raw in txn.cursor(db=self.index.db("model")):
+                rec = unpack_safe(raw)
+                out[bytes(k).decode(errors="replace")] = {f: rec.get(f) for f in ("name", "type", "vocab", "path")}
+        return out
 
     def entries(self, *, fingerprint=None, tier=None):
         """Every snapshot as a ``SnapshotInfo`` (index only, no blob I/O)."""
@@ -1106,6 +1116,230 @@ class SnapshotStore:
             for blob_id in dropped:
                 B.unlink_blob(blobs_fd, blob_id)
         return found
+
+    # --------------------------------------------------------- export/import
+    def export_archive(self, archive, keys=None, progress=None):
+        """Write snapshots (all, or ``keys``) with their blobs to a tar archive.
+
+        Blobs are copied as they are (no re-encoding) after a full verify;
+        a snapshot whose blobs fail is skipped and reported. Returns
+        ``(snapshots written, bytes of blobs, [Problem])``.
+        """
+        wanted = None if keys is None else {self._key_bytes(k) for k in keys}
+        with self.index.begin() as txn:
+            snaps = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.index.db("snap"))
+                     if wanted is None or bytes(k) in wanted]
+            segs = {bytes(k): unpack_safe(v) for k, v in txn.cursor(db=self.index.db("seg"))}
+            models = {bytes(k): unpack_safe(v) for k, v in txn.cursor(db=self.index.db("model"))}
+        manifest = {"format": FORMAT_VERSION, "block_tokens": self.block, "snapshots": [], "segments": {},
+                    "models": {}}
+        problems, blob_list, total = [], {}, 0
+        for kb, raw in snaps:
+            try:
+                rec = unpack(raw)
+                need = {}
+                for seg_id, _rows in rec.get("ext", []):
+                    srec = segs.get(bytes(seg_id))
+                    if not srec:
+                        raise CorruptSnapshot(f"segment {bytes(seg_id).hex()} is missing from the index")
+                    need[bytes(seg_id).hex()] = (srec["size"], srec["hs"])
+                if rec.get("st"):
+                    need[bytes(rec["st"][0]).hex()] = (rec["st"][1], rec["st"][2])
+                for blob_id, (size, hs) in need.items():
+                    if blob_id not in blob_list:
+                        with B.BlobReader(self._fd("blobs"), blob_id, size, hs) as r:
+                            r.verify()
+                        blob_list[blob_id] = size
+            except (CorruptSnapshot, FileNotFoundError, OSError, KeyError, TypeError) as exc:
+                problems.append(Problem("export", kb.hex(), None, str(exc)))
+                continue
+            manifest["snapshots"].append({"key": kb, "rec": raw})
+            for seg_id, _rows in rec.get("ext", []):
+                srec = segs[bytes(seg_id)]
+                manifest["segments"][bytes(seg_id).hex()] = {k: srec[k] for k in ("fp", "rows", "size", "hs")}
+            fp = rec.get("fp", "").encode()
+            if fp in models:
+                manifest["models"][fp.decode()] = models[fp]
+        import tarfile
+
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            data = pack(manifest)
+            info = tarfile.TarInfo("manifest.msgpack")
+            info.size, info.mtime, info.mode = len(data), int(_now()), 0o600
+            import io
+
+            tar.addfile(info, io.BytesIO(data))
+            for blob_id, size in blob_list.items():
+                sub = B.open_dir(blob_id[:2], dir_fd=self._fd("blobs"))
+                try:
+                    fd = os.open(f"{blob_id}{B.SUFFIX}", os.O_RDONLY | B._NOFOLLOW | B._CLOEXEC, dir_fd=sub)
+                finally:
+                    os.close(sub)
+                with os.fdopen(fd, "rb") as f:
+                    info = tarfile.TarInfo(f"blobs/{blob_id}{B.SUFFIX}")
+                    info.size, info.mtime, info.mode = size, int(_now()), 0o600
+                    tar.addfile(info, f)
+                total += size
+                if progress:
+                    progress(1)
+        return len(manifest["snapshots"]), total, problems
+
+    def import_archive(self, archive, progress=None):
+        """Add the snapshots of an ``export_archive`` tar to this store.
+
+        Every blob is verified (size, header, every checksum) before it is
+        indexed; snapshots already present are skipped; a model whose layout
+        differs from the one this store knows is refused. Returns
+        ``(snapshots added, bytes of blobs added, [Problem])``.
+        """
+        import tarfile
+
+        if self.readonly:
+            raise StoreUnavailable("the store is open read-only")
+        problems, added, added_bytes = [], 0, 0
+        try:
+            tar = tarfile.open(archive, "r:*")
+        except (OSError, tarfile.TarError) as exc:
+            raise InvalidInput(f"cannot read archive {archive}: {exc}") from exc
+        with tar:
+            first = tar.next()
+            if first is None or first.name != "manifest.msgpack" or not first.isfile() or first.size > 1 << 30:
+                raise InvalidInput(f"{archive} is not a kvstore archive (no manifest first)")
+            manifest = unpack(tar.extractfile(first).read(), "archive manifest")
+            if manifest.get("format") != FORMAT_VERSION:
+                raise InvalidInput(f"{archive} has archive format {manifest.get('format')}")
+            if manifest.get("block_tokens") != self.block:
+                raise InvalidInput(
+                    f"{archive} was written by a store with {manifest.get('block_tokens')}-token blocks, "
+                    f"this store uses {self.block}"
+                )
+            segments = manifest.get("segments") or {}
+            # copy blobs in: verified, then renamed into place under their own ids
+            arrived = {}
+            for member in tar:
+                name = member.name
+                if member is first:
+                    continue
+                blob_id = name[len("blobs/") : -len(B.SUFFIX)] if name.startswith("blobs/") and name.endswith(B.SUFFIX) else ""
+                if not member.isfile() or not B.is_blob_id(blob_id):
+                    problems.append(Problem("import", None, None, f"unexpected archive member {name!r}"))
+                    continue
+                try:
+                    arrived[blob_id] = self._import_blob(tar.extractfile(member), blob_id, member.size)
+                except (CorruptSnapshot, OSError) as exc:
+                    problems.append(Problem("import", None, blob_id, str(exc)))
+                if progress:
+                    progress(1)
+            try:
+                for item in manifest.get("snapshots") or []:
+                    try:
+                        kb, raw = bytes(item["key"]), bytes(item["rec"])
+                        rec = unpack(raw)
+                        got = self._import_record(kb, rec, raw, segments, manifest.get("models") or {}, arrived)
+                    except (CorruptSnapshot, InvalidInput, KeyError, TypeError, ValueError) as exc:
+                        key = item.get("key") if isinstance(item, dict) else None
+                        problems.append(Problem("import", bytes(key).hex() if isinstance(key, bytes) else None,
+                                                None, str(exc)))
+                        continue
+                    if got is not None:
+                        added += 1
+                        added_bytes += got
+            finally:
+                # blobs the store already had, or that no record claimed
+                for tmp_name, _size in arrived.values():
+                    try:
+                        os.unlink(tmp_name, dir_fd=self._fd("tmp"))
+                    except FileNotFoundError:
+                        pass
+        return added, added_bytes, problems
+
+    def _import_blob(self, src, blob_id, size):
+        """Stream one archived blob into tmp/, verify it and keep it as (path, size, header sum)."""
+        tmp_name = f"{blob_id}.import.{B.new_id()[:8]}"
+        tmp_fd = self._fd("tmp")
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600, dir_fd=tmp_fd)
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        return tmp_name, size
+
+    def _import_record(self, kb, rec, raw, segments, models, arrived):
+        if len(kb) != 16 or rec.get("v") != FORMAT_VERSION:
+            raise CorruptSnapshot("bad record in archive")
+        fp = rec.get("fp")
+        model = models.get(fp)
+        if not isinstance(model, dict) or "sig" not in model:
+            raise CorruptSnapshot(f"archive has no layout for {fp}")
+        need = {}
+        for seg_id, _rows in rec.get("ext", []):
+            meta = segments.get(bytes(seg_id).hex())
+            if not isinstance(meta, dict):
+                raise CorruptSnapshot(f"archive has no segment {bytes(seg_id).hex()}")
+            need[bytes(seg_id).hex()] = (meta["size"], meta["hs"], meta)
+        if rec.get("st"):
+            need[bytes(rec["st"][0]).hex()] = (rec["st"][1], rec["st"][2], None)
+        tmp_fd, blobs_fd = self._fd("tmp"), self._fd("blobs")
+        # place (or find already placed) blobs, verified before they are indexed
+        placed = []
+        for blob_id, (size, hs, _meta) in need.items():
+            try:
+                with B.BlobReader(blobs_fd, blob_id, size, hs) as r:
+                    r.verify()
+                continue  # already here (an earlier import or snapshot)
+            except FileNotFoundError:
+                pass
+            if blob_id not in arrived:
+                raise CorruptSnapshot(f"archive lacks blob {blob_id}")
+            tmp_name, _ = arrived[blob_id]
+            sub = B.open_dir(blob_id[:2], dir_fd=blobs_fd, create=True)
+            try:
+                os.rename(tmp_name, f"{blob_id}{B.SUFFIX}", src_dir_fd=tmp_fd, dst_dir_fd=sub)
+            finally:
+                os.close(sub)
+            del arrived[blob_id]
+            try:
+                with B.BlobReader(blobs_fd, blob_id, size, hs) as r:
+                    r.verify()
+            except (CorruptSnapshot, OSError):
+                B.unlink_blob(blobs_fd, blob_id)
+                raise
+            placed.append((blob_id, size))
+        db = self.index.db
+        with self.index.begin(write=True) as txn:
+            if txn.get(kb, db=db("snap")) is not None:
+                return None
+            known = txn.get(fp.encode(), db=db("model"))
+            if known is not None and unpack(known, "model record").get("sig") != model["sig"]:
+                raise InvalidInput(f"this store holds another layout for {fp}")
+            if known is None:
+                txn.put(fp.encode(), pack(model), db=db("model"))
+            new_bytes = 0
+            for blob_id, (size, hs, meta) in need.items():
+                if meta is None:
+                    continue
+                sid = bytes.fromhex(blob_id)
+                cur = txn.get(sid, db=db("seg"))
+                if cur is None:
+                    txn.put(sid, pack({"v": FORMAT_VERSION, "fp": meta["fp"], "rows": meta["rows"], "size": size,
+                                       "hs": hs, "refs": 1, "t": _now()}), db=db("seg"))
+                    new_bytes += size
+                else:
+                    srec = unpack(cur, "segment record")
+                    srec["refs"] += 1
+                    txn.put(sid, pack(srec), db=db("seg"))
+            if rec.get("st"):
+                new_bytes += rec["st"][1]
+            txn.put(kb, raw, db=db("snap"))
+            txn.put(kb, pack({"a": _now(), "h": 0}), db=db("acc"))
+            links = rec.get("links") or b""
+            for i in range(0, len(links), 16):
+                txn.put(bytes(links[i : i + 16]), kb, db=db("thru"), dupdata=True)
+            txn.put(bytes(rec["endl"]), int(rec["n"]).to_bytes(4, "big") + kb, db=db("ends"), dupdata=True)
+            self._meta_add(txn, "bytes", new_bytes)
+            self._meta_add(txn, "snapshots", 1)
+        return new_bytes
 
 
 def unpack_safe(raw):
