@@ -178,6 +178,7 @@ class BlobReader:
         if not is_blob_id(blob_id):
             raise CorruptSnapshot(f"bad blob id {blob_id!r}")
         self.id = blob_id
+        self.bytes_read = 0
         sub = open_dir(blob_id[:2], dir_fd=blobs_fd)
         try:
             self.fd = os.open(f"{blob_id}{SUFFIX}", os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=sub)
@@ -281,6 +282,7 @@ class BlobReader:
             data = os.pread(self.fd, len(mv), offset)
             got = len(data)
             mv[:got] = data
+        self.bytes_read += got
         if got != len(mv):
             raise CorruptSnapshot(f"blob {self.id} is truncated")
 

@@ -640,6 +640,7 @@ class SnapshotStore:
                                 raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
                             view = dest.reshape(-1, cap, dest.shape[3])[:, pos : pos + take, :]
                             r.read_rows(name, take, view)
+                        self.counters["bytes_read"] += r.bytes_read
                     pos += take
                 if pos < n:
                     raise CorruptSnapshot(f"segments cover {pos} of {n} tokens")
@@ -659,6 +660,7 @@ class SnapshotStore:
                         if shape != list(want[1]):
                             raise CorruptSnapshot(f"state tensor {name} has shape {arr.shape}, want {want[1]}")
                         state[name] = codec.to_mx(arr, r.dtype(name))
+                    self.counters["bytes_read"] += r.bytes_read
             cache = codec.decode(rec["lay"], positional, state, n)
             mx.eval([a for a in list(positional.values()) + list(state.values())])
             return cache
