@@ -1,0 +1,550 @@
+"""TieredPromptCache: a memory LRU in front of a SnapshotStore.
+
+This module owns the memory tier (mlx-lm's ``LRUPromptCache``, composed, so
+tier order, count and byte limits and the dropping of redundant trimmable
+prefixes behave exactly as in mlx-lm), the choice between a memory and a disk
+hit, the promotion of disk hits into memory, the write-behind queue and its
+writer thread, the resolution of mlx_lm.server model keys to fingerprints,
+and the hit / miss / write counters.
+
+It must never: let a store fault reach the caller (faults are logged,
+counted and become misses or dropped writes), hand out a cache that another
+caller or the memory tier shares mutable state with, return an empty
+remainder, or do disk I/O or serialisation on the caller's thread when
+inserting. The writer thread runs no MLX graph work: arrays are evaluated
+(and bf16 views made contiguous) on the caller's thread before they are
+queued, so encoding them is a plain read of finished buffers.
+
+Prompt normalisation (volatile header lines in system prompts) is not done
+here: the cache sees tokens, and a line can only be removed exactly from the
+text before it is tokenised. ``kvstore.session.normalize_messages`` does it
+for the session and for servers that hold the request messages.
+"""
+
+import atexit
+import copy
+import functools
+import logging
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from .fingerprint import LAYOUT_OPTIONS, fingerprint
+
+log = logging.getLogger("kvstore")
+
+TIERS = ("system", "user", "assistant")
+POLICIES = ("drop", "wait")
+
+
+@dataclass
+class Fetched:
+    """What ``TieredPromptCache.fetch`` found for a prompt.
+
+    ``cache`` is an independent cache holding ``reused`` tokens (``None`` on a
+    miss), ``rest`` the tokens still to prefill (never empty when the prompt is
+    not), ``source`` ``"memory"``, ``"disk"`` or ``None``, ``tier`` the tier
+    of the entry served and ``kind`` ``"exact"``, ``"shorter"`` or ``"longer"``.
+    """
+
+    cache: list | None
+    rest: list
+    reused: int = 0
+    source: str | None = None
+    tier: str | None = None
+    kind: str | None = None
+
+
+@dataclass
+class _Write:
+    fp: str
+    tokens: list
+    cache: list
+    tier: str
+    nbytes: int = field(default=0)
+
+
+def _as_list(tokens):
+    return tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+
+
+def _arrays(obj, out):
+    if isinstance(obj, mx.array):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            _arrays(x, out)
+    elif hasattr(obj, "__dict__"):
+        for x in vars(obj).values():
+            _arrays(x, out)
+    return out
+
+
+def _settle(obj):
+    """Evaluated-array stand-in for ``obj``: bf16 strided views made contiguous."""
+    if isinstance(obj, mx.array):
+        if obj.dtype == mx.bfloat16 and not memoryview(obj).c_contiguous:
+            obj = mx.contiguous(obj)
+            mx.eval(obj)
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_settle(x) for x in obj)
+    if hasattr(obj, "__dict__"):
+        for name, x in list(vars(obj).items()):
+            if isinstance(x, (mx.array, list, tuple)) or hasattr(x, "__dict__"):
+                setattr(obj, name, _settle(x))
+    return obj
+
+
+def _local_dir(path):
+    """A local directory for a model path or a Hugging Face repo already downloaded."""
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        return Path(path)
+    from mlx_lm.utils import hf_repo_to_path
+
+    return hf_repo_to_path(str(path))
+
+
+class _WriteBehind:
+    """A bounded queue of snapshots and the one thread that writes them."""
+
+    def __init__(self, store, size, policy, timeout, count):
+        self.store = store
+        self.size = size
+        self.policy = policy
+        self.timeout = timeout
+        self.count = count
+        self.queue = deque()
+        self.busy = 0
+        self.closed = False
+        self.cv = threading.Condition()
+        self.thread = None
+
+    def submit(self, item):
+        with self.cv:
+            if self.closed:
+                self.count("writes.dropped")
+                return False
+            if len(self.queue) >= self.size:
+                if self.policy == "wait":
+                    t = time.monotonic()
+                    self.cv.wait_for(lambda: len(self.queue) < self.size or self.closed, self.timeout)
+                    self.count("queue.waits")
+                    self.count("queue.wait_ms", int((time.monotonic() - t) * 1000))
+                if len(self.queue) >= self.size or self.closed:
+                    self.count("writes.dropped")
+                    return False
+            self.queue.append(item)
+            self.count("writes.queued")
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="kvstore-writer", daemon=True)
+                self.thread.start()
+            self.cv.notify_all()
+            return True
+
+    def _run(self):
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: self.queue or self.closed)
+                if not self.queue:
+                    return
+                item = self.queue.popleft()
+                self.busy = 1
+                self.cv.notify_all()
+            try:
+                self._write(item)
+            finally:
+                item = None
+                with self.cv:
+                    self.busy = 0
+                    self.cv.notify_all()
+
+    def _write(self, item):
+        store = self.store
+        before = store.counters["bytes_written"]
+        try:
+            key = store.put(item.fp, item.tokens, item.cache, item.tier)
+        except Exception as exc:  # fail open: a bad snapshot is a dropped write
+            log.warning("kvstore write of %d tokens failed: %s: %s", len(item.tokens), type(exc).__name__, exc)
+            key = None
+        if key is None:
+            self.count("writes.failed")
+            self.count("disk.faults")
+        else:
+            self.count("writes.done")
+            self.count("bytes.written", max(0, store.counters["bytes_written"] - before))
+
+    def depth(self):
+        with self.cv:
+            return len(self.queue), self.busy
+
+    def flush(self, timeout=None):
+        with self.cv:
+            return self.cv.wait_for(lambda: not self.queue and not self.busy, timeout)
+
+    def close(self, timeout=None):
+        done = self.flush(timeout)
+        with self.cv:
+            self.closed = True
+            lost = len(self.queue)
+            self.queue.clear()
+            self.cv.notify_all()
+        if lost:
+            self.count("writes.dropped", lost)
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return done
+
+
+def _close_at_exit(ref):
+    obj = ref()
+    if obj is not None:
+        obj.close(timeout=obj.exit_timeout)
+
+
+class TieredPromptCache:
+    """A prompt cache with the interface of mlx-lm's ``LRUPromptCache`` and a disk tier.
+
+    Args:
+        store_or_path: a ``SnapshotStore``, a store directory (opened and owned),
+            or ``None`` for a memory-only cache.
+        max_size: most entries kept in memory (as ``LRUPromptCache``).
+        max_bytes: most bytes kept in memory (``None``: no limit).
+        persist: tiers written to disk on insert (``"assistant"`` is optional).
+        queue_size: snapshots the write-behind queue holds.
+        queue_policy: what an insert does when the queue is full: ``"drop"``
+            (never wait; the snapshot stays in memory only and
+            ``writes.dropped`` counts it) or ``"wait"`` (wait up to
+            ``queue_timeout`` seconds, then drop and count).
+        queue_timeout: the longest wait of the ``"wait"`` policy, in seconds.
+        log_interval: seconds between counter log lines (``None``: never).
+        exit_timeout: seconds an interpreter exit waits for queued writes.
+        store_options: keyword arguments for ``SnapshotStore`` when a path is given.
+        **cache_options: ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``,
+            ``max_kv_size``: the cache recipe the server uses, part of the
+            fingerprint of an mlx_lm.server model key.
+
+    ``model`` arguments are a fingerprint string (see ``kvstore.fingerprint``),
+    an mlx_lm.server model key ``(model_path, adapter_path, draft_path)``
+    (fingerprinted once), or any other hashable, which keeps its entries in
+    memory only. Not thread-safe, like ``LRUPromptCache``; the writer thread
+    never touches the memory tier.
+    """
+
+    def __init__(self, store_or_path=None, max_size=10, max_bytes=None, *, persist=("system", "user"),
+                 queue_size=64, queue_policy="drop", queue_timeout=1.0, log_interval=60.0,
+                 exit_timeout=30.0, store_options=None, **cache_options):
+        unknown = set(cache_options) - set(LAYOUT_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown cache options: {sorted(unknown)} (known: {LAYOUT_OPTIONS})")
+        if queue_policy not in POLICIES:
+            raise ValueError(f"queue_policy must be one of {POLICIES}, got {queue_policy!r}")
+        if not set(persist) <= set(TIERS):
+            raise ValueError(f"persist must name tiers among {TIERS}, got {persist!r}")
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.cache_options = cache_options
+        self.persist = tuple(persist)
+        self.queue_size, self.queue_policy = queue_size, queue_policy
+        self.log_interval = log_interval
+        self.exit_timeout = exit_timeout
+        self._memory = LRUPromptCache(max_size, (1 << 63) if max_bytes is None else max_bytes)
+        self._counts = Counter()
+        self._lock = threading.Lock()
+        self._fps = {}
+        self._last_log = time.monotonic()
+        self._owns_store = False
+        self.store = None
+        if store_or_path is not None:
+            if isinstance(store_or_path, (str, Path)):
+                from .store import SnapshotStore
+
+                try:
+                    self.store = SnapshotStore(store_or_path, **(store_options or {}))
+                    self._owns_store = True
+                except Exception as exc:
+                    self._fault("open", exc)
+                    log.warning("kvstore: serving from memory only")
+            else:
+                self.store = store_or_path
+        self._writer = None
+        self._store_counters = self.store.counters if self.store is not None else None
+        if self.store is not None:
+            self._writer = _WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
+            self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
+            atexit.register(self._atexit)
+
+    # -------------------------------------------------------------- counting
+    def _count(self, name, n=1):
+        with self._lock:
+            self._counts[name] += n
+
+    def _fault(self, what, exc):
+        self._count("disk.faults")
+        self._count(f"disk.faults.{what}")
+        log.warning("kvstore %s failed: %s: %s", what, type(exc).__name__, exc)
+
+    def counters(self):
+        """Hits, misses, reuse, bytes and queue state as a flat dict.
+
+        ``hits.memory`` / ``hits.disk`` (and ``.system`` / ``.user`` /
+        ``.assistant`` by the tier served), ``misses`` (nothing served),
+        ``misses.memory`` (memory had nothing usable), ``misses.disk`` (the
+        disk was consulted and had nothing longer), ``tokens.requested``,
+        ``tokens.reused`` (``.memory`` / ``.disk``), ``bytes.read``,
+        ``bytes.written``, ``writes.queued`` / ``done`` / ``dropped`` /
+        ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
+        ``disk.faults`` and the memory tier's ``memory.entries`` /
+        ``memory.bytes`` / ``memory.evicted``.
+        """
+        with self._lock:
+            out = dict(self._counts)
+        for name in ("fetches", "hits", "misses", "hits.memory", "hits.disk", "misses.memory", "misses.disk",
+                     "tokens.requested", "tokens.reused", "bytes.read", "bytes.written", "writes.queued",
+                     "writes.done", "writes.dropped", "writes.failed", "disk.faults"):
+            out.setdefault(name, 0)
+        depth, busy = self._writer.depth() if self._writer else (0, 0)
+        out.update({
+            "queue.depth": depth, "queue.in_flight": busy, "queue.size": self.queue_size,
+            "queue.policy": self.queue_policy,
+            "memory.entries": len(self._memory), "memory.bytes": self._memory.nbytes,
+        })
+        if self._store_counters is not None:
+            # faults the store absorbed itself (corrupt or missing blobs, I/O errors)
+            sc = self._store_counters
+            out.update({f"store.{k}": sc[k] for k in ("faults", "misses.corrupt", "put_failures")})
+        return out
+
+    def _maybe_log(self):
+        if not self.log_interval or time.monotonic() - self._last_log < self.log_interval:
+            return
+        self._last_log = time.monotonic()
+        c = self.counters()
+        log.info(
+            "kvstore cache: %d fetches, %d memory hits, %d disk hits, %d misses, %d/%d tokens reused, "
+            "%d bytes read, %d bytes written, %d writes dropped, %d faults, queue %d/%d",
+            c["fetches"], c["hits.memory"], c["hits.disk"], c["misses"], c["tokens.reused"],
+            c["tokens.requested"], c["bytes.read"], c["bytes.written"], c["writes.dropped"],
+            c["disk.faults"], c["queue.depth"], c["queue.size"],
+        )
+
+    # ------------------------------------------------------------ model keys
+    def fingerprint_of(self, model):
+        """The fingerprint ``model`` stores under, or ``None`` (memory only)."""
+        if isinstance(model, str):
+            return model
+        if not isinstance(model, tuple):
+            return None
+        if model not in self._fps:
+            path, adapter, draft = (tuple(model) + (None, None, None))[:3]
+            try:
+                self._fps[model] = fingerprint(
+                    _local_dir(path), adapter_path=_local_dir(adapter), draft_model=_local_dir(draft),
+                    **self.cache_options,
+                )
+            except Exception as exc:
+                self._fps[model] = None
+                self._count("models.unresolved")
+                log.warning("kvstore: cannot fingerprint model %r (%s: %s); its caches stay in memory",
+                            model, type(exc).__name__, exc)
+        return self._fps[model]
+
+    def _key(self, model):
+        fp = self.fingerprint_of(model)
+        return (model if fp is None else fp), fp
+
+    # ------------------------------------------------------- LRUPromptCache API
+    def __len__(self):
+        return len(self._memory)
+
+    @property
+    def nbytes(self):
+        """Bytes held by the memory tier."""
+        return self._memory.nbytes
+
+    def stats_by_type(self):
+        """``{tier: {"n_sequences", "n_bytes"}}`` of the memory tier (as ``LRUPromptCache``)."""
+        return self._memory.stats_by_type()
+
+    def trim_to(self, *, n_sequences=None, n_bytes=None):
+        """Evict memory entries (assistant first, system last) down to the limits."""
+        before = len(self._memory)
+        self._memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
+        self._count("memory.evicted", before - len(self._memory))
+
+    def fetch_nearest_cache(self, model, tokens):
+        """``(cache, rest)`` as ``LRUPromptCache.fetch_nearest_cache``, except that
+        ``rest`` is never empty: an exact hit serves one token less (trimmed
+        for trimmable caches; a non-trimmable exact entry falls back to the
+        best shorter checkpoint in memory or on disk)."""
+        got = self.fetch(model, tokens)
+        return got.cache, got.rest
+
+    def fetch(self, model, tokens):
+        """Find the best cache for ``tokens`` in memory and on disk; see ``Fetched``."""
+        tokens = _as_list(tokens)
+        key, fp = self._key(model)
+        self._count("fetches")
+        self._count("tokens.requested", len(tokens))
+        plan = self._plan(key, tokens)
+        mem_n = plan[1] if plan else 0
+        if plan is None:
+            self._count("misses.memory")
+        got = None
+        if self.store is not None and fp is not None and mem_n < len(tokens) - 1:
+            got = self._fetch_disk(key, fp, tokens, mem_n)
+        if got is None and plan is not None:
+            held, n, kind = plan
+            entry = self._memory._trie.get(key, held)
+            cache = copy.deepcopy(entry.prompt_cache)
+            if len(held) > n:
+                trim_prompt_cache(cache, len(held) - n)
+            got = Fetched(cache, tokens[n:], n, "memory", entry.cache_type, kind)
+        if got is None:
+            self._count("misses")
+            got = Fetched(None, tokens)
+        else:
+            self._count("hits")
+            self._count(f"hits.{got.source}")
+            self._count(f"hits.{got.source}.{got.tier}")
+            self._count("tokens.reused", got.reused)
+            self._count(f"tokens.reused.{got.source}", got.reused)
+        self._maybe_log()
+        return got
+
+    def _plan(self, key, tokens):
+        """``(entry tokens, tokens to serve, kind)`` of the best memory entry, or ``None``.
+
+        mlx-lm's rules (exact, then a longer trimmable entry sharing more than
+        the longest stored prefix, then that prefix), with the exact hit one
+        token short.
+        """
+        trie = self._memory._trie
+        res = trie.search(key, tokens)
+        if res.exact is not None:
+            if len(tokens) < 2:
+                return None
+            if can_trim_prompt_cache(trie.get(key, tokens).prompt_cache):
+                return tokens, len(tokens) - 1, "exact"
+            # a checkpoint cannot be trimmed: the best strictly shorter entry
+            res = trie.search(key, tokens[:-1])
+            if res.exact is not None:
+                return res.exact, len(res.exact), "shorter"
+        short = len(res.shorter) if res.shorter is not None else 0
+        if res.longer is not None and res.common_prefix > short:
+            if can_trim_prompt_cache(trie.get(key, res.longer).prompt_cache):
+                prefix = min(len(tokens) - 1, res.common_prefix)
+                if prefix > 0:
+                    return res.longer, prefix, "longer"
+        if short > 0:
+            return res.shorter, short, "shorter"
+        return None
+
+    def _fetch_disk(self, key, fp, tokens, mem_n):
+        store = self.store
+        try:
+            found = store.lookup(fp, tokens)
+        except Exception as exc:
+            self._fault("lookup", exc)
+            return None
+        self._count("disk.lookups")
+        if found is None or found[1] <= mem_n:
+            self._count("misses.disk")
+            return None
+        read = store.counters["bytes_read"]
+        try:
+            cache, rest = store.fetch_nearest(fp, tokens)
+        except Exception as exc:
+            self._fault("fetch", exc)
+            return None
+        self._count("bytes.read", max(0, store.counters["bytes_read"] - read))
+        n = len(tokens) - len(rest)
+        if cache is None or n <= mem_n:
+            self._count("misses.disk")
+            return None
+        tier = self._disk_tier(found[0]) if n == found[1] else "user"
+        # promote: memory keeps the loaded cache, the caller gets its own copy
+        self._memory_insert(key, tokens[:n], cache, tier)
+        self._count("promotions")
+        return Fetched(copy.deepcopy(cache), tokens[n:], n, "disk", tier, found[2] if n == found[1] else "shorter")
+
+    def _disk_tier(self, key):
+        # SnapshotStore.lookup does not report the tier; read it from the record
+        try:
+            tier = self.store._record(key).get("tier")
+        except Exception:
+            tier = None
+        return tier if tier in TIERS else "user"
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+        """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
+        for persisted tiers, queue it for the disk.
+
+        The cache is copied (structure only: MLX arrays are immutable values,
+        a buffer is copied the first time either side writes to it), so the
+        caller may go on using its cache. The caller's thread evaluates the
+        arrays and queues them; encoding and I/O happen on the writer thread.
+        """
+        if cache_type not in TIERS:
+            raise ValueError(f"cache_type must be one of {TIERS}, got {cache_type!r}")
+        tokens = _as_list(tokens)
+        key, fp = self._key(model)
+        cache = copy.deepcopy(prompt_cache)
+        self._count("inserts")
+        self._count(f"inserts.{cache_type}")
+        self._memory_insert(key, tokens, cache, cache_type)
+        if self._writer is not None and fp is not None and cache_type in self.persist and tokens:
+            mx.eval(_arrays(cache, []))
+            cache = _settle(cache)
+            self._writer.submit(_Write(fp, tokens, cache, cache_type))
+        self._maybe_log()
+
+    def _memory_insert(self, key, tokens, cache, cache_type):
+        mem = self._memory
+        before = len(mem)
+        try:
+            mem._trie.get(key, tokens)
+            before -= 1  # replaced, not added
+        except KeyError:
+            pass
+        mem.insert_cache(key, tokens, cache, cache_type=cache_type)
+        self._count("memory.evicted", before + 1 - len(mem))
+
+    # -------------------------------------------------------------- life cycle
+    def flush(self, timeout=None):
+        """Wait until every queued snapshot is written; ``False`` on timeout."""
+        return self._writer.flush(timeout) if self._writer else True
+
+    def close(self, timeout=None):
+        """Write what is queued, stop the writer and close an owned store.
+
+        The memory tier stays usable (memory only). Returns ``False`` if
+        ``timeout`` passed first; snapshots still queued then are dropped
+        and counted.
+        """
+        if self._writer is None:
+            return True
+        writer, self._writer = self._writer, None
+        atexit.unregister(self._atexit)
+        done = writer.close(timeout)
+        store, self.store = self.store, None
+        if self._owns_store and (writer.thread is None or not writer.thread.is_alive()):
+            try:
+                store.close()
+            except Exception as exc:
+                self._fault("close", exc)
+        return done
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
