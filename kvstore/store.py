@@ -664,7 +664,7 @@ class SnapshotStore:
             cache = codec.decode(rec["lay"], positional, state, n)
             mx.eval([a for a in list(positional.values()) + list(state.values())])
             return cache
-        except (CorruptSnapshot, FileNotFoundError, KeyError, TypeError, ValueError) as exc:
+        except (CorruptSnapshot, OSError, KeyError, TypeError, ValueError) as exc:
             self.counters["misses.corrupt"] += 1
             self._bad[key] = time.monotonic()
             self._fault("load", exc if isinstance(exc, KVStoreError) else CorruptSnapshot(repr(exc)), _hex(key))

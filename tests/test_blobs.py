@@ -1,0 +1,149 @@
+"""Blob files: the safetensors writer and the defensive reader."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from kvstore import blobs as B
+from kvstore.errors import CorruptSnapshot, FormatVersionError
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    for sub in ("blobs", "tmp"):
+        (tmp_path / sub).mkdir(mode=0o700)
+    fds = {sub: B.open_dir(str(tmp_path / sub)) for sub in ("blobs", "tmp")}
+    yield tmp_path, fds
+    for fd in fds.values():
+        os.close(fd)
+
+
+def write(fds, tensors):
+    return B.write_blob(fds["blobs"], fds["tmp"], tensors, {"kvstore.kind": "test"})
+
+
+def path_of(root, blob_id):
+    return root / "blobs" / B.blob_relpath(blob_id)
+
+
+def test_round_trip_prefix_reads_and_chunk_checks(dirs):
+    root, fds = dirs
+    k = np.arange(1 * 2 * 600 * 8, dtype=np.float32).reshape(1, 2, 600, 8)
+    s = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    blob_id, size, hs = write(fds, {"k": ("F32", k, 2), "s": ("BF16", s, None)})
+    assert path_of(root, blob_id).stat().st_size == size
+    assert oct(path_of(root, blob_id).stat().st_mode & 0o777) == "0o600"
+    with B.BlobReader(fds["blobs"], blob_id, size, hs) as r:
+        assert np.array_equal(r.read("k"), k) and np.array_equal(r.read("s"), s)
+        out = np.zeros((2, 300, 8), dtype=np.float32)
+        r.bytes_read = 0
+        r.read_rows("k", 300, out)
+        assert np.array_equal(out, k[0, :, :300, :])
+        # 300 rows cover two 256-row chunks: 512 rows per slice are read, not 600
+        assert r.bytes_read == 2 * 512 * 8 * 4
+    # damage past the prefix: the prefix still reads, a full verify does not
+    data = bytearray(path_of(root, blob_id).read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    data[8 + n + (600 * 8 - 1) * 4] ^= 0xFF  # last row of slice 0
+    path_of(root, blob_id).write_bytes(data)
+    with B.BlobReader(fds["blobs"], blob_id, size, hs) as r:
+        r.read_rows("k", 300, np.zeros((2, 300, 8), dtype=np.float32))
+        with pytest.raises(CorruptSnapshot, match="checksum"):
+            r.verify()
+
+
+def test_write_leaves_no_temp_file(dirs):
+    root, fds = dirs
+    write(fds, {"a": ("F32", np.zeros(3, np.float32), None)})
+    assert list((root / "tmp").iterdir()) == []
+
+
+def hostile(root, fds, header, data=b"", meta=None, raw_len=None):
+    """Write a hand-made blob with any header, return its id."""
+    blob_id = B.new_id()
+    if meta is not False:
+        header["__metadata__"] = {"kvstore.format": "1", "kvstore.id": blob_id, "kvstore.sums": json.dumps({}),
+                                  **(meta or {})}
+    raw = json.dumps(header).encode()
+    (root / "blobs" / blob_id[:2]).mkdir(exist_ok=True, mode=0o700)
+    path_of(root, blob_id).write_bytes(struct.pack("<Q", raw_len or len(raw)) + raw + data)
+    return blob_id
+
+
+@pytest.mark.parametrize("case", [
+    "huge-header", "header-past-eof", "not-json", "no-metadata", "absurd-shape", "offset-past-eof",
+    "overlap", "gap", "bad-dtype", "negative-dim", "no-sums", "wrong-sum-count", "bad-row-axis", "array-header",
+])
+def test_hostile_headers_are_corrupt_not_crashes(dirs, case):
+    root, fds = dirs
+    ok = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    sums = json.dumps({"t": [None, 1, "0" * 16]})
+    h, data, meta, raw_len = {"t": dict(ok)}, b"\0" * 8, {"kvstore.sums": sums}, None
+    if case == "huge-header":
+        raw_len = 1 << 60
+    elif case == "header-past-eof":
+        raw_len = 10_000
+    elif case == "absurd-shape":
+        h["t"]["shape"] = [2**40, 2**40]
+    elif case == "offset-past-eof":
+        h["t"]["data_offsets"] = [0, 2**50]
+        h["t"]["shape"] = [2**48]
+    elif case == "overlap":
+        h["u"] = dict(ok)
+        meta["kvstore.sums"] = json.dumps({"t": [None, 1, "0" * 16], "u": [None, 1, "0" * 16]})
+    elif case == "gap":
+        h["t"]["data_offsets"] = [4, 12]
+        data = b"\0" * 12
+    elif case == "bad-dtype":
+        h["t"]["dtype"] = "OBJECT"
+    elif case == "negative-dim":
+        h["t"]["shape"] = [-2]
+    elif case == "no-sums":
+        meta["kvstore.sums"] = "{}"
+    elif case == "wrong-sum-count":
+        meta["kvstore.sums"] = json.dumps({"t": [None, 1, "0" * 32]})
+    elif case == "bad-row-axis":
+        meta["kvstore.sums"] = json.dumps({"t": [7, 1, "0" * 16]})
+    if case == "not-json":
+        blob_id = B.new_id()
+        (root / "blobs" / blob_id[:2]).mkdir(exist_ok=True)
+        path_of(root, blob_id).write_bytes(struct.pack("<Q", 5) + b"{{{{{" + data)
+    elif case == "no-metadata":
+        blob_id = hostile(root, fds, h, data, meta=False)
+    elif case == "array-header":
+        blob_id = B.new_id()
+        (root / "blobs" / blob_id[:2]).mkdir(exist_ok=True)
+        path_of(root, blob_id).write_bytes(struct.pack("<Q", 2) + b"[]")
+    else:
+        blob_id = hostile(root, fds, h, data, meta, raw_len)
+    with pytest.raises(CorruptSnapshot):
+        with B.BlobReader(fds["blobs"], blob_id) as r:
+            r.verify()
+
+
+def test_unknown_format_version(dirs):
+    root, fds = dirs
+    blob_id = hostile(root, fds, {}, meta={"kvstore.format": "2"})
+    with pytest.raises(FormatVersionError):
+        B.BlobReader(fds["blobs"], blob_id)
+
+
+def test_links_are_never_followed(dirs, tmp_path):
+    root, fds = dirs
+    blob_id, size, hs = write(fds, {"a": ("F32", np.ones(4, np.float32), None)})
+    p = path_of(root, blob_id)
+    # a symlinked fan-out folder is refused too, not only a symlinked file
+    sub = p.parent
+    moved = tmp_path / "elsewhere"
+    sub.rename(moved)
+    sub.symlink_to(moved)
+    with pytest.raises(OSError):
+        B.BlobReader(fds["blobs"], blob_id, size, hs)
+    sub.unlink()
+    moved.rename(sub)
+    os.link(p, tmp_path / "second")
+    with pytest.raises(CorruptSnapshot, match="hard links"):
+        B.BlobReader(fds["blobs"], blob_id, size, hs)
