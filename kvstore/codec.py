@@ -226,6 +226,42 @@ def signature(layout, positional, state):
     return {"layout": [strip(n) for n in layout], "tensors": dict(sorted(tensors.items()))}
 
 
+def sig_id(sig):
+    """A short stable id of one exact layout signature."""
+    import hashlib
+    import json
+
+    return hashlib.blake2b(json.dumps(sig, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def structure(sig):
+    """What every layout of one model shares, whatever its KV quantisation.
+
+    mlx-lm quantises KV only past ``quantized_kv_start``, so one model yields
+    both KVCache and QuantizedKVCache layouts; their class tree (with those
+    two merged), head counts and state shapes must still agree.
+    """
+
+    def norm(node):
+        c = "KV" if node["c"] in ("KVCache", "QuantizedKVCache") else node["c"]
+        out = {k: v for k, v in node.items() if k not in ("c", "g", "b", "ch")}
+        out["c"] = c
+        if "ch" in node:
+            out["ch"] = [norm(x) for x in node["ch"]]
+        return out
+
+    tensors = {}
+    for name, (dtype, shape) in sig["tensors"].items():
+        base, _, part = name.rpartition(".")
+        if part[:1] in "kv" and part[1:].isdigit():
+            tensors[f"{base}.{part[0]}"] = [shape[0], shape[1]]
+        elif part in ("k", "v"):
+            tensors[name] = [shape[0], shape[1]]
+        else:
+            tensors[name] = [dtype, shape]
+    return {"layout": [norm(n) for n in sig["layout"]], "tensors": dict(sorted(tensors.items()))}
+
+
 def positional_specs(layout):
     """``[(tensor name, path)]`` of every positional tensor a layout needs."""
     out = []

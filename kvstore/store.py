@@ -44,6 +44,8 @@ TIER_RANK = {"assistant": 0, "user": 1, "system": 2}
 DEFAULT_BLOCK = 64
 DEFAULT_MAP_SIZE = 32 << 30
 MAX_CANDIDATES = 16
+# distinct exact layouts one model may have (e.g. plain and quantised KV)
+MAX_LAYOUTS = 8
 # seconds a snapshot that failed to load is skipped by this process
 BAD_TTL = 60.0
 SETTINGS = "store.json"
@@ -288,7 +290,23 @@ class SnapshotStore:
             self.counters["put_failures"] += 1
             return None
 
+    @staticmethod
+    def _check_layout(fp, model, sig):
+        """Refuse a cache whose layout cannot belong to the model ``fp`` names."""
+        from . import codec
+
+        if model.get("struct") != codec.structure(sig):
+            raise InvalidInput(
+                f"this cache's layout differs from the one stored for {fp}: "
+                "the fingerprint does not match the model or cache options"
+            )
+        sigs = model.get("sigs") or {}
+        if codec.sig_id(sig) not in sigs and len(sigs) >= MAX_LAYOUTS:
+            raise InvalidInput(f"{fp} already has {MAX_LAYOUTS} cache layouts")
+
     def _put(self, fp, chain, enc, sig, tier, tenanted, dedup):
+        from . import codec
+
         n = len(chain)
         key = chain.key(n)
         toks = chain.tokens
@@ -301,13 +319,10 @@ class SnapshotStore:
                 self._touch(key)
                 return _hex(key)
             known = txn.get(fp.encode(), db=model_db)
-            if known is not None and unpack(known, "model record").get("sig") != sig:
-                raise InvalidInput(
-                    f"this cache's layout differs from the one stored for {fp}: "
-                    "the fingerprint does not match the model or cache options"
-                )
+            if known is not None:
+                self._check_layout(fp, unpack(known, "model record"), sig)
             if enc.positional and dedup:
-                base, shared = self._dedup_base(txn, fp, chain, n)
+                base, shared = self._dedup_base(txn, fp, chain, n, codec.sig_id(sig))
         written = []
         try:
             seg = None
@@ -332,7 +347,7 @@ class SnapshotStore:
             own = (seg[2] if seg else 0) + (state[1] if state else 0)
             record = {
                 "v": FORMAT_VERSION, "fp": str(fp), "tier": tier, "n": n, "tok": toks.tobytes(),
-                "lay": enc.layout, "ext": extents, "st": state, "trim": enc.trimmable,
+                "lay": enc.layout, "sid": codec.sig_id(sig), "ext": extents, "st": state, "trim": enc.trimmable,
                 "own": own, "t": _now(), "ten": tenanted,
                 # the chain links this record is indexed under (delete needs
                 # them, and they cannot be rebuilt without the tenant salt)
@@ -341,7 +356,7 @@ class SnapshotStore:
             }
             model_rec = {"name": getattr(fp, "name", "") or "", "type": getattr(fp, "model_type", "") or "",
                          "vocab": getattr(fp, "vocab_size", None), "path": getattr(fp, "path", "") or "",
-                         "sig": sig, "t": _now()}
+                         "struct": codec.structure(sig), "sigs": {codec.sig_id(sig): sig}, "t": _now()}
             result = self._commit_put(key, chain, record, seg, base, fp, model_rec)
             if result == "retry":
                 # a shared segment vanished under us: store the prefix ourselves
@@ -395,11 +410,28 @@ class SnapshotStore:
             for k in range(1, n // self.block + 1):
                 txn.put(chain.links[k], key, db=db("thru"), dupdata=True)
             txn.put(chain.links[n // self.block], n.to_bytes(4, "big") + key, db=db("ends"), dupdata=True)
-            if txn.get(str(fp).encode(), db=db("model")) is None:
-                txn.put(str(fp).encode(), pack(model_rec), db=db("model"))
+            self._merge_model(txn, str(fp), model_rec)
             self._meta_add(txn, "bytes", record["own"])
             self._meta_add(txn, "snapshots", 1)
         return "ok"
+
+    def _merge_model(self, txn, fp, model_rec):
+        """Add a model record, or its new exact layouts to the known one."""
+        db = self.index.db("model")
+        raw = txn.get(fp.encode(), db=db)
+        if raw is None:
+            txn.put(fp.encode(), pack(model_rec), db=db)
+            return
+        known = unpack(raw, "model record")
+        if known.get("struct") != model_rec["struct"]:
+            raise InvalidInput(f"this store holds another layout for {fp}")
+        sigs = known.get("sigs") or {}
+        new = {k: v for k, v in model_rec["sigs"].items() if k not in sigs}
+        if new:
+            if len(sigs) + len(new) > MAX_LAYOUTS:
+                raise InvalidInput(f"{fp} already has {MAX_LAYOUTS} cache layouts")
+            known["sigs"] = {**sigs, **new}
+            txn.put(fp.encode(), pack(known), db=db)
 
     def _meta_add(self, txn, name, delta):
         db = self.index.db("meta")
@@ -448,7 +480,7 @@ class SnapshotStore:
         diff = np.flatnonzero(other[:m] != toks[:m])
         return int(diff[0]) if diff.size else m
 
-    def _dedup_base(self, txn, fp, chain, n):
+    def _dedup_base(self, txn, fp, chain, n, sid):
         """Extents of an earlier snapshot covering the longest shared prefix."""
         k = self._deepest_link(txn, chain, n // self.block)
         if k == 0:
@@ -463,7 +495,8 @@ class SnapshotStore:
                 rec = unpack(raw)
             except CorruptSnapshot:
                 continue
-            if not rec.get("ext") or rec.get("fp") != str(fp):
+            # only segments of the same exact layout (plain vs quantised KV differ)
+            if not rec.get("ext") or rec.get("fp") != str(fp) or rec.get("sid") != sid:
                 continue
             common = self._common(rec, chain.tokens, n)
             if common > best:
@@ -613,7 +646,9 @@ class SnapshotStore:
                     segs[bytes(seg_id)] = unpack(raw, "segment record")
             if model_raw is None:
                 raise CorruptSnapshot(f"no layout recorded for {fp}")
-            sig = unpack(model_raw, "model record")["sig"]
+            sig = (unpack(model_raw, "model record").get("sigs") or {}).get(rec.get("sid"))
+            if not isinstance(sig, dict):
+                raise CorruptSnapshot(f"no layout {rec.get('sid')} recorded for {fp}")
             tensors = sig["tensors"]
             positional = {}
             specs = codec.positional_specs(rec["lay"])
@@ -1272,7 +1307,7 @@ class SnapshotStore:
             raise CorruptSnapshot("bad record in archive")
         fp = rec.get("fp")
         model = models.get(fp)
-        if not isinstance(model, dict) or "sig" not in model:
+        if not isinstance(model, dict) or "struct" not in model or not isinstance(model.get("sigs"), dict):
             raise CorruptSnapshot(f"archive has no layout for {fp}")
         need = {}
         for seg_id, _rows in rec.get("ext", []):
@@ -1312,11 +1347,7 @@ class SnapshotStore:
         with self.index.begin(write=True) as txn:
             if txn.get(kb, db=db("snap")) is not None:
                 return None
-            known = txn.get(fp.encode(), db=db("model"))
-            if known is not None and unpack(known, "model record").get("sig") != model["sig"]:
-                raise InvalidInput(f"this store holds another layout for {fp}")
-            if known is None:
-                txn.put(fp.encode(), pack(model), db=db("model"))
+            self._merge_model(txn, fp, model)
             new_bytes = 0
             for blob_id, (size, hs, meta) in need.items():
                 if meta is None:

@@ -487,3 +487,26 @@ def test_blobs_are_safetensors(store, tiny_model, load_tiny):
     tensors = load_file(str(path))
     assert set(tensors) == {"0.k", "0.v", "1.k", "1.v"}
     assert tensors["0.k"].shape == (1, 2, 40, 16)
+
+
+def test_plain_and_quantized_layouts_of_one_model(store, tiny_model):
+    """With kv_bits, mlx-lm quantises only past quantized_kv_start: one
+    fingerprint holds both layouts, and segments never mix between them."""
+    import mlx_lm
+
+    path = tiny_model("llama", head_dim=32)
+    model, _ = mlx_lm.load(str(path))
+    fp = kvstore.fingerprint(path, kv_bits=8, kv_group_size=32, quantized_kv_start=64)
+    short = prompt(40, seed=20)
+    plain, _ = prefill(model, short)
+    assert store.put(fp, short, plain)
+    long_ = short + prompt(60, seed=21)
+    cache, _ = prefill(model, long_)
+    quant = [c.to_quantized(group_size=32, bits=8) for c in cache]
+    assert store.put(fp, long_, quant)
+    c, rest = store.fetch_nearest(fp, short + [1])
+    assert type(c[0]).__name__ == "KVCache" and rest == [1]
+    c, rest = store.fetch_nearest(fp, long_ + [1])
+    assert type(c[0]).__name__ == "QuantizedKVCache" and rest == [1]
+    assert store.counters["put_tokens_shared"] == 0
+    assert store.verify() == []
