@@ -277,7 +277,7 @@ class TieredPromptCache:
                 self.store = store_or_path
         self._writer = None
         self._store_counters = self.store.counters if self.store is not None else None
-        if self.store is not None:
+        if self.store is not None and not getattr(self.store, "readonly", False):
             self._writer = _WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
             self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
             atexit.register(self._atexit)
@@ -531,6 +531,9 @@ class TieredPromptCache:
         and counted.
         """
         if self._writer is None:
+            store, self.store = self.store, None
+            if self._owns_store and store is not None:
+                store.close()
             return True
         writer, self._writer = self._writer, None
         atexit.unregister(self._atexit)

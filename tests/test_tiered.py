@@ -512,3 +512,15 @@ def test_counters_are_logged(caplog):
         c.insert_cache("m", toks(5), kv(5))
         c.fetch("m", toks(6))
     assert any("kvstore cache: 1 fetches, 1 memory hits" in r.getMessage() for r in caplog.records)
+
+
+def test_read_only_store_serves_but_never_writes(path):
+    with TieredPromptCache(path, **opts()) as a:
+        a.insert_cache("m", toks(30), kv(30), cache_type="user")
+    with kvstore.SnapshotStore(path, readonly=True) as s:
+        c = TieredPromptCache(s)
+        assert c.fetch("m", toks(31)).source == "disk"
+        c.insert_cache("m", toks(20, 400), kv(20), cache_type="system")
+        assert c.counters()["writes.queued"] == 0
+        c.close()
+    assert stored(path)[0] == [30]
