@@ -433,6 +433,25 @@ def test_close_writes_everything_queued(path):
     assert tokens == [20] * 30 and problems == []
 
 
+def test_queued_snapshot_ignores_later_changes_to_the_callers_cache(path):
+    c = TieredPromptCache(path, **opts())
+    holder = hold_write_lock(path)
+    try:
+        mine = kv(40, seed=7)
+        c.insert_cache("m", toks(40), mine, cache_type="user")
+        # while the snapshot waits in the queue the caller rewinds and overwrites
+        for layer in mine:
+            layer.trim(30)
+            layer.update_and_fetch(mx.full((1, H, 30, D), -1.0), mx.full((1, H, 30, D), -1.0))
+        mx.eval([layer.keys for layer in mine])
+    finally:
+        release(holder)
+    c.close()
+    with kvstore.SnapshotStore(path) as s:
+        cache, rest = s.fetch_nearest("m", toks(41))
+        assert rest == [41] and same(cache, kv(40, seed=7), 40)
+
+
 CRASH = """
 import os, signal, sys
 sys.path.insert(0, "tests")
