@@ -14,7 +14,6 @@ on writing to (the cache copies on insert), and never inserts a cache whose
 token count it cannot vouch for.
 """
 
-import copy
 import logging
 import re
 import time

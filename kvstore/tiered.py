@@ -21,9 +21,7 @@ text before it is tokenised. ``kvstore.session.normalize_messages`` does it
 for the session and for servers that hold the request messages.
 """
 
-import atexit
 import copy
-import functools
 import logging
 import threading
 import time
@@ -204,10 +202,32 @@ class _WriteBehind:
         return done
 
 
-def _close_at_exit(ref):
-    obj = ref()
-    if obj is not None:
-        obj.close(timeout=obj.exit_timeout)
+class _Counts:
+    """Counters shared by the caller's thread and the writer thread."""
+
+    def __init__(self):
+        self.counts = Counter()
+        self.lock = threading.Lock()
+
+    def __call__(self, name, n=1):
+        with self.lock:
+            self.counts[name] += n
+
+    def snapshot(self):
+        with self.lock:
+            return dict(self.counts)
+
+
+def _shutdown(writer, store, timeout):
+    """Write what is queued, stop the writer, close an owned store (also at exit or collection)."""
+    done = writer.close(timeout)
+    if store is not None and (writer.thread is None or not writer.thread.is_alive()):
+        try:
+            store.close()
+        except Exception as exc:
+            writer.count("disk.faults")
+            log.warning("kvstore close failed: %s: %s", type(exc).__name__, exc)
+    return done
 
 
 class TieredPromptCache:
@@ -257,8 +277,7 @@ class TieredPromptCache:
         self.log_interval = log_interval
         self.exit_timeout = exit_timeout
         self._memory = LRUPromptCache(max_size, (1 << 63) if max_bytes is None else max_bytes)
-        self._counts = Counter()
-        self._lock = threading.Lock()
+        self._count = _Counts()
         self._fps = {}
         self._last_log = time.monotonic()
         self._owns_store = False
@@ -279,14 +298,11 @@ class TieredPromptCache:
         self._store_counters = self.store.counters if self.store is not None else None
         if self.store is not None and not getattr(self.store, "readonly", False):
             self._writer = _WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
-            self._atexit = functools.partial(_close_at_exit, weakref.ref(self))
-            atexit.register(self._atexit)
+            # the queue is written at interpreter exit or when the cache is collected
+            self._finalize = weakref.finalize(self, _shutdown, self._writer,
+                                              self.store if self._owns_store else None, exit_timeout)
 
     # -------------------------------------------------------------- counting
-    def _count(self, name, n=1):
-        with self._lock:
-            self._counts[name] += n
-
     def _fault(self, what, exc):
         self._count("disk.faults")
         self._count(f"disk.faults.{what}")
@@ -305,8 +321,7 @@ class TieredPromptCache:
         ``disk.faults`` and the memory tier's ``memory.entries`` /
         ``memory.bytes`` / ``memory.evicted``.
         """
-        with self._lock:
-            out = dict(self._counts)
+        out = self._count.snapshot()
         for name in ("fetches", "hits", "misses", "hits.memory", "hits.disk", "misses.memory", "misses.disk",
                      "tokens.requested", "tokens.reused", "bytes.read", "bytes.written", "writes.queued",
                      "writes.done", "writes.dropped", "writes.failed", "disk.faults"):
@@ -530,21 +545,14 @@ class TieredPromptCache:
         ``timeout`` passed first; snapshots still queued then are dropped
         and counted.
         """
+        store, self.store = self.store, None
         if self._writer is None:
-            store, self.store = self.store, None
             if self._owns_store and store is not None:
                 store.close()
             return True
         writer, self._writer = self._writer, None
-        atexit.unregister(self._atexit)
-        done = writer.close(timeout)
-        store, self.store = self.store, None
-        if self._owns_store and (writer.thread is None or not writer.thread.is_alive()):
-            try:
-                store.close()
-            except Exception as exc:
-                self._fault("close", exc)
-        return done
+        self._finalize.detach()
+        return _shutdown(writer, store if self._owns_store else None, timeout)
 
     def __enter__(self):
         return self

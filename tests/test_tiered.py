@@ -465,6 +465,22 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+EXIT = """
+import sys
+sys.path.insert(0, "tests")
+from test_tiered import TieredPromptCache, kv, toks
+c = TieredPromptCache(sys.argv[1], store_options={"block_tokens": 16})
+for i in range(20):
+    c.insert_cache("m", toks(64, 100 * i + 1), kv(64, seed=i), cache_type="user")
+"""
+
+
+def test_interpreter_exit_writes_the_queue(path):
+    p = subprocess.run([sys.executable, "-c", EXIT, str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert stored(path) == ([64] * 20, [])
+
+
 def test_abrupt_exit_loses_only_the_queue(path):
     p = subprocess.run([sys.executable, "-c", CRASH, str(path)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
