@@ -1,0 +1,75 @@
+"""Parsing and printing for the command line: sizes, durations, times, tables.
+
+Sizes for people are decimal (kB, MB, GB); JSON carries raw bytes and
+ISO 8601 times. Parsers raise ``ValueError`` with a message fit to show as
+is. This module imports nothing from kvstore.
+"""
+
+import re
+import sys
+from datetime import datetime, timezone
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+         "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_NUMBER = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text):
+    """Bytes in ``text``: ``500``, ``100MB``, ``1.5GB``, ``2GiB`` (decimal unless ``iB``)."""
+    m = _NUMBER.match(text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"invalid size {text!r} (examples: 500MB, 2GB, 1.5GiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def parse_duration(text):
+    """Seconds in ``text``: ``90``, ``30s``, ``30m``, ``12h``, ``7d``, ``2w``."""
+    m = _NUMBER.match(text)
+    if not m or m.group(2) not in SECONDS:
+        raise ValueError(f"invalid duration {text!r} (examples: 30m, 12h, 7d)")
+    return float(m.group(1)) * SECONDS[m.group(2)]
+
+
+def size(n):
+    """``n`` bytes for people, in decimal units: ``950 B``, ``1.2 kB``, ``35.0 MB``."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.95 or unit == "TB":
+            return f"{n:.1f} {unit}"
+
+
+def ago(seconds):
+    """A compact age: ``45s``, ``12m``, ``3h``, ``6d``, ``10w``."""
+    seconds = max(0.0, seconds)
+    for unit, span in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{int(seconds // span)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def iso(t):
+    """A Unix time as ISO 8601 in UTC (``2026-01-31T12:00:00+00:00``)."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+def table(rows, headers, right=()):
+    """Rows of strings as aligned columns; columns named in ``right`` align right."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    out = []
+    for r in [headers] + rows:
+        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(r, widths, headers)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def error(msg):
+    """Print ``msg`` as one line on stderr."""
+    print(f"kvstore: error: {' '.join(str(msg).split())}", file=sys.stderr)
+
+
+def warn(msg):
+    """Print ``msg`` as a one-line warning on stderr."""
+    print(f"kvstore: warning: {' '.join(str(msg).split())}", file=sys.stderr)
