@@ -98,10 +98,8 @@ def main(argv=None):
     module = COMMANDS[args.command][0]
     try:
         mod = importlib.import_module(f"{__package__}.{module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.{module}":
-            raise
-        error(f"'kvstore {args.command}' is not available in this installation (no {exc.name} module)")
+    except ModuleNotFoundError as exc:  # the command's module, or a package it needs
+        error(f"'kvstore {args.command}' is not available in this installation ({exc})")
         return 1
     if args.command in PASSTHROUGH:
         return mod.main(args.args, store_dir)
