@@ -263,6 +263,17 @@ def open_store(args, write=False, create=False):
     return SnapshotStore(path, readonly=not (write or create))
 
 
+def resolve(store, prefixes, known):
+    """Full keys of ``prefixes`` (full keys or unique prefixes), each once, all in ``known``."""
+    keys = []
+    for k in prefixes:
+        full = store.resolve(k)
+        if full not in known:  # resolve() passes any 32-digit key through
+            raise Fail(f"no snapshot {k}")
+        keys.append(full)
+    return list(dict.fromkeys(keys))
+
+
 def _file_size(path):
     try:
         return os.lstat(path).st_size
@@ -478,13 +489,7 @@ def cmd_rm(args):
     with open_store(args, write=not args.dry_run) as store:
         entries = store.entries()
         by_key = {e.key: e for e in entries}
-        keys = []
-        for k in args.keys:
-            full = store.resolve(k)
-            if full not in by_key:
-                raise Fail(f"no snapshot {k}")
-            keys.append(full)
-        plan = [by_key[k] for k in dict.fromkeys(keys)]
+        plan = [by_key[k] for k in resolve(store, args.keys, by_key)]
         drop = releaser(store, entries)
         return remove(store, args, plan, sum(drop(e) for e in plan))
 
@@ -607,13 +612,7 @@ def cmd_verify(args):
     """Check the header, size and every checksum of each blob; exit 1 if anything is wrong."""
     with open_store(args, write=args.fix) as store:
         known = {e.key for e in store.entries()}
-        keys = []
-        for k in args.keys:
-            full = store.resolve(k)
-            if full not in known:
-                raise Fail(f"no snapshot {k}")
-            keys.append(full)
-        keys = list(dict.fromkeys(keys)) or sorted(known)
+        keys = resolve(store, args.keys, known) or sorted(known)
         # store.verify has no progress hook: check in batches when a bar shows
         step = max(64, -(-len(keys) // 100)) if bars(args) else max(len(keys), 1)
         problems = []
