@@ -443,11 +443,16 @@ def confirm(args, summary):
         raise Fail("aborted, nothing deleted")
 
 
-def remove(store, args, plan, planned, limit=None):
+def remove(store, args, plan, planned, limit=None, frees=None):
     """Show ``plan`` (``planned`` bytes to free), confirm, delete in order, report.
 
     With ``limit`` deletion stops early once the store's indexed bytes fit.
+    ``frees`` maps a key to what deleting it frees at its place in the plan.
     """
+
+    def rows(entries):
+        return [{**row(e), **({"frees_bytes": frees[e.key]} if frees else {})} for e in entries]
+
     human = args.format == "human"
     counts = Counter(e.tier for e in plan)
     summary = f"{_plural(len(plan), 'snapshot')} ({fmt.size(planned)}; {_by_tier(counts)})"
@@ -459,7 +464,7 @@ def remove(store, args, plan, planned, limit=None):
         return 0
     if args.dry_run:
         if not human:
-            emit({"dry_run": True, "snapshots": [row(e) for e in plan], "planned_bytes": planned,
+            emit({"dry_run": True, "snapshots": rows(plan), "planned_bytes": planned,
                   "deleted": 0, "freed_bytes": 0})
         elif not args.quiet:
             print(render(plan))
@@ -477,7 +482,7 @@ def remove(store, args, plan, planned, limit=None):
             count += 1
             bar.update()
     if not human:
-        emit({"dry_run": False, "snapshots": [row(e) for e in plan[:count]], "planned_bytes": planned,
+        emit({"dry_run": False, "snapshots": rows(plan[:count]), "planned_bytes": planned,
               "deleted": count, "freed_bytes": freed})
     elif not args.quiet:
         print(f"Deleted {_plural(count, 'snapshot')}, freed {fmt.size(freed)}.")
@@ -529,13 +534,14 @@ def cmd_prune(args):
             cands = [e for e in cands if model_matches(e, args.model)]
         drop = releaser(store, entries)
         total = store.total_bytes()
-        plan, planned = [], 0
+        plan, planned, frees = [], 0, {}
         for e in cands:
             if args.max_size is not None and total - planned <= args.max_size:
                 break
             plan.append(e)
-            planned += drop(e)
-        return remove(store, args, plan, planned, limit=args.max_size)
+            frees[e.key] = drop(e)
+            planned += frees[e.key]
+        return remove(store, args, plan, planned, limit=args.max_size, frees=frees)
 
 
 def gc_args(p):

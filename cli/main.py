@@ -102,7 +102,7 @@ def main(argv=None):
         error(f"'kvstore {args.command}' is not available in this installation ({exc})")
         return 1
     if args.command in PASSTHROUGH:
-        return mod.main(args.args, store_dir)
+        return mod.main(args.args, store_dir, fmt=args.format, quiet=bool(args.quiet))
     return mod.main(args.command, args.args, store_dir, output=args.format or "human", quiet=bool(args.quiet))
 
 

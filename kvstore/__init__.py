@@ -18,7 +18,7 @@ from .errors import (
     UnsupportedCache,
 )
 from .fingerprint import Fingerprint, fingerprint
-from .store import Problem, SnapshotInfo, SnapshotStore
+from .store import Match, Problem, SnapshotInfo, SnapshotStore
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "FormatVersionError",
     "InvalidInput",
     "KVStoreError",
+    "Match",
     "Problem",
     "PromptSession",
     "SnapshotInfo",

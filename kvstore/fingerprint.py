@@ -104,6 +104,14 @@ def _hash_dir(h, root, label):
     return len(weights)
 
 
+def model_name(path):
+    """A readable name: ``org/name`` for a Hugging Face cache snapshot, else the folder name."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")
+    return Path(path).name
+
+
 def _mlx_lm_version():
     try:
         return metadata.version("mlx-lm")
@@ -153,7 +161,7 @@ def fingerprint(model_dir, *, adapter_path=None, draft_model=None, **cache_optio
     resolved = model_dir.resolve()
     return Fingerprint(
         f"{model_type or 'model'}-{h.hexdigest()}",
-        name=resolved.name,
+        name=model_name(resolved),
         model_type=model_type,
         vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else None,
         path=str(resolved),

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import lmdb
 import numpy as np
@@ -65,17 +66,29 @@ class SnapshotInfo:
     model: str
     tier: str
     tokens: int
-    bytes: int
-    shared_bytes: int
+    bytes: int  # its blobs, each shared segment split evenly between its users
+    shared_bytes: int  # bytes of segments it reads that other snapshots use too
     created: float
     accessed: float
     hits: int
     trimmable: bool
     blobs: list = field(default_factory=list)
+    unique_bytes: int = 0  # what deleting it alone frees now
 
     def token_ids(self, store):
         """The snapshot's token ids (read from the index)."""
         return store.tokens_of(self.key)
+
+
+class Match(NamedTuple):
+    """The snapshot a fetch uses: its key, the tokens it serves, how it matched
+    (``exact`` served one token short, ``shorter`` a stored prefix, ``longer``
+    the shared prefix of a longer trimmable entry) and its tier."""
+
+    key: str
+    tokens: int
+    kind: str
+    tier: str
 
 
 @dataclass
@@ -120,6 +133,7 @@ class SnapshotStore:
         self.counters = Counter()
         self._pending = {}
         self._pending_since = None
+        self._flusher = None
         self._bad = {}
         self._lock = threading.RLock()
         self._fds = {}
@@ -134,7 +148,10 @@ class SnapshotStore:
     def _open_root(self, map_size, block_tokens):
         if not self.readonly:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.stat(self.path)
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise StoreUnavailable(f"no kvstore store at {self.path}") from exc
         if not stat.S_ISDIR(st.st_mode):
             raise StoreUnavailable(f"{self.path} is not a directory")
         if not self.readonly:
@@ -204,6 +221,9 @@ class SnapshotStore:
 
     def close(self):
         """Flush pending access updates and release the index and folders."""
+        flusher = self._flusher
+        if flusher is not None and flusher.is_alive():
+            flusher.join(timeout=10)
         try:
             self.flush_access()
         except KVStoreError:
@@ -236,10 +256,19 @@ class SnapshotStore:
                 self._pending_since = time.monotonic()
             due = time.monotonic() - self._pending_since >= self.access_flush or len(self._pending) >= 256
         if due:
-            try:
-                self.flush_access()
-            except KVStoreError as exc:
-                self._fault("access-flush", exc)
+            # never on the caller's thread: the write lock may be held by
+            # another process, and a fetch must not wait for it
+            with self._lock:
+                busy = self._flusher is not None and self._flusher.is_alive()
+                if not busy:
+                    self._flusher = threading.Thread(target=self._flush_quietly, name="kvstore-access", daemon=True)
+                    self._flusher.start()
+
+    def _flush_quietly(self):
+        try:
+            self.flush_access()
+        except KVStoreError as exc:
+            self._fault("access-flush", exc)
 
     def flush_access(self):
         """Write batched access times and hit counts in one small transaction."""
@@ -524,40 +553,47 @@ class SnapshotStore:
         (corrupt, missing or foreign blobs, I/O errors) are misses, logged
         and counted; invalid tokens raise ``InvalidInput``.
         """
+        cache, rest, _ = self.fetch(fp, tokens, tenant=tenant)
+        return cache, rest
+
+    def fetch(self, fp, tokens, *, tenant=None, min_tokens=0):
+        """``fetch_nearest`` that also returns the ``Match`` it used (or ``None``).
+
+        Matches serving ``min_tokens`` tokens or fewer are not loaded: a
+        caller that already holds that much in memory pays no disk I/O.
+        """
         toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
         rest_all = toks.tolist()
         if len(toks) < 2:
             self.counters["misses"] += 1
-            return None, rest_all
+            return None, rest_all, None
         try:
             chain = TokenChain(namespace(fp, tenant), toks, self.block)
             for plan in self._plans(fp, chain):
+                if plan[1] <= min_tokens:
+                    break
                 cache = self._load(fp, chain, plan)
                 if cache is not None:
-                    key, n = plan[0], plan[1]
+                    key, n, kind, rec = plan
                     self.counters["hits"] += 1
                     self.counters["tokens_reused"] += n
                     self._touch(key)
-                    return cache, rest_all[n:]
+                    return cache, rest_all[n:], Match(_hex(key), n, kind, rec.get("tier", "user"))
         except (KVStoreError, OSError, lmdb.Error) as exc:
             if isinstance(exc, InvalidInput):
                 raise
             self._fault("fetch", exc)
         self.counters["misses"] += 1
-        return None, rest_all
+        return None, rest_all, None
 
     def lookup(self, fp, tokens, *, tenant=None):
-        """The match ``fetch_nearest`` would try first, without loading blobs.
-
-        Returns ``(key_hex, tokens_reused, kind)`` with kind one of ``exact``,
-        ``shorter``, ``longer``, or ``None`` when nothing matches.
-        """
+        """The ``Match`` ``fetch_nearest`` would try first, without loading blobs (or ``None``)."""
         toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
         if len(toks) < 2:
             return None
         chain = TokenChain(namespace(fp, tenant), toks, self.block)
-        for key, n, kind, _rec in self._plans(fp, chain):
-            return _hex(key), n, kind
+        for key, n, kind, rec in self._plans(fp, chain):
+            return Match(_hex(key), n, kind, rec.get("tier", "user"))
         return None
 
     def _plans(self, fp, chain):
@@ -727,8 +763,6 @@ class SnapshotStore:
     def resolve(self, prefix):
         """Full key for a unique key prefix (as ``ls`` prints short keys)."""
         prefix = prefix.lower()
-        if len(prefix) == 32:
-            return prefix
         if not prefix or any(c not in "0123456789abcdef" for c in prefix):
             raise InvalidInput(f"not a snapshot key: {prefix!r}")
         found = []
@@ -742,6 +776,8 @@ class SnapshotStore:
                     found.append(k.hex())
                     if len(found) > 1:
                         break
+        if not found and len(prefix) == 32:
+            raise InvalidInput(f"no snapshot {prefix}")
         if len(found) != 1:
             raise InvalidInput(f"key prefix {prefix!r} matches {'no' if not found else 'several'} snapshots")
         return found[0]
@@ -786,21 +822,27 @@ class SnapshotStore:
                 if fp not in names:
                     m = txn.get(fp.encode(), db=model_db)
                     names[fp] = (unpack(m, "model record").get("name") if m else "") or fp
-                shared, blob_ids = 0, []
-                for seg_id, rows in rec.get("ext", []):
+                share = shared = unique = 0
+                blob_ids = []
+                for seg_id, _rows in rec.get("ext", []):
                     s = txn.get(bytes(seg_id), db=seg_db)
                     blob_ids.append(bytes(seg_id).hex())
                     srec = unpack_safe(s) if s is not None else {}
-                    if srec.get("refs", 0) > 1:
-                        # bytes of segments this snapshot reads that others use too
-                        shared += srec["size"] * min(rows, srec["rows"]) // max(srec["rows"], 1)
+                    size, refs = srec.get("size", 0), max(srec.get("refs", 1), 1)
+                    share += size // refs
+                    if refs > 1:
+                        shared += size
+                    else:
+                        unique += size
                 if rec.get("st"):
                     blob_ids.append(bytes(rec["st"][0]).hex())
+                    share += rec["st"][1]
+                    unique += rec["st"][1]
                 a = txn.get(k, db=acc_db)
                 acc = unpack(a, "access record") if a else {}
                 out.append(SnapshotInfo(
                     key=k.hex(), fingerprint=fp, model=names[fp], tier=rec.get("tier", "?"),
-                    tokens=rec.get("n", 0), bytes=rec.get("own", 0), shared_bytes=shared,
+                    tokens=rec.get("n", 0), bytes=share, shared_bytes=shared, unique_bytes=unique,
                     created=rec.get("t", 0.0), accessed=acc.get("a", rec.get("t", 0.0)),
                     hits=acc.get("h", 0), trimmable=bool(rec.get("trim")), blobs=blob_ids,
                 ))
@@ -926,7 +968,8 @@ class SnapshotStore:
             if total <= max_bytes:
                 break
             plan.append(e)
-            total -= e.bytes
+            # an estimate: deleting earlier picks may leave this one sole owner of more
+            total -= max(e.unique_bytes, 1)
         return plan
 
     def total_bytes(self):
@@ -965,12 +1008,14 @@ class SnapshotStore:
         except (KVStoreError, OSError, lmdb.Error) as exc:
             self._fault("evict", exc)
 
-    def verify(self, keys=None, fix=False):
+    def verify(self, keys=None, fix=False, progress=None):
         """Check every record and blob (or those of ``keys``); return ``[Problem]``.
 
         Reads each blob whole and checks header, size and every checksum.
         With ``fix=True`` bad blobs are moved to ``quarantine/`` and the
-        snapshots that use them are deleted.
+        snapshots that use them are deleted. ``progress(1)`` is called per
+        snapshot checked. A snapshot another process deletes meanwhile is
+        not a problem.
         """
         problems = []
         wanted = None if keys is None else {self._key_bytes(k) for k in keys}
@@ -984,6 +1029,8 @@ class SnapshotStore:
             kb = bytes(kb)
             if wanted is not None and kb not in wanted:
                 continue
+            if progress:
+                progress(1)
             try:
                 rec = unpack(raw)
                 if rec.get("v") != FORMAT_VERSION:
@@ -1024,6 +1071,16 @@ class SnapshotStore:
                 if checked[blob_id] is not None:
                     problems.append(Problem("blob", kb.hex(), blob_id, checked[blob_id]))
                     bad_keys.append((kb, blob_id))
+        if problems:
+            # deleted by another process since the scan: not a fault
+            scanned = {bytes(k): bytes(v) for k, v in items}
+            with self.index.begin() as txn:
+                snap = self.index.db("snap")
+                live = {p.key for p in problems
+                        if txn.get(bytes.fromhex(p.key), db=snap) == scanned[bytes.fromhex(p.key)]}
+            problems = [p for p in problems if p.key in live]
+            bad_keys = [(k, b) for k, b in bad_keys if k.hex() in live]
+            checked = {b: r for b, r in checked.items() if r is None or any(p.blob == b for p in problems)}
         if fix:
             for blob_id, reason in checked.items():
                 if reason is not None:

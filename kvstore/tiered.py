@@ -465,39 +465,24 @@ class TieredPromptCache:
 
     def _fetch_disk(self, key, fp, tokens, mem_n):
         store = self.store
-        try:
-            found = store.lookup(fp, tokens)
-        except Exception as exc:
-            self._fault("lookup", exc)
-            return None
-        self._count("disk.lookups")
-        if found is None or found[1] <= mem_n:
-            self._count("misses.disk")
-            return None
         read = store.counters["bytes_read"]
         try:
-            cache, rest = store.fetch_nearest(fp, tokens)
+            # loads only a match longer than what memory can serve
+            cache, rest, match = store.fetch(fp, tokens, min_tokens=mem_n)
         except Exception as exc:
             self._fault("fetch", exc)
             return None
+        self._count("disk.lookups")
         self._count("bytes.read", max(0, store.counters["bytes_read"] - read))
-        n = len(tokens) - len(rest)
-        if cache is None or n <= mem_n:
+        if cache is None:
             self._count("misses.disk")
             return None
-        tier = self._disk_tier(found[0]) if n == found[1] else "user"
+        n = match.tokens
+        tier = match.tier if match.tier in TIERS else "user"
         # promote: memory keeps the loaded cache, the caller gets its own copy
         self._memory_insert(key, tokens[:n], cache, tier)
         self._count("promotions")
-        return Fetched(copy.deepcopy(cache), tokens[n:], n, "disk", tier, found[2] if n == found[1] else "shorter")
-
-    def _disk_tier(self, key):
-        # SnapshotStore.lookup does not report the tier; read it from the record
-        try:
-            tier = self.store._record(key).get("tier")
-        except Exception:
-            tier = None
-        return tier if tier in TIERS else "user"
+        return Fetched(copy.deepcopy(cache), tokens[n:], n, "disk", tier, match.kind)
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,

@@ -388,7 +388,8 @@ def cache_root() -> Path:
     if root := os.environ.get("KVSTORE_TINY_DIR"):
         return Path(root)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvstore" / "tiny"
+    # beside, not inside, the default store folder (~/.cache/kvstore)
+    return Path(base) / "kvstore-tiny"
 
 
 def model_dir(family: str, **kw) -> Path:

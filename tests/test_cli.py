@@ -423,7 +423,8 @@ def test_prune_order_policies_and_dry_run(store, seed):
     plan = json.loads(ok("prune", "--max-size", f"{total // 2}B", "--dry-run", "--format", "json",
                          store=store).stdout)
     assert [seed.snaps[r["key"]].name for r in plan["snapshots"]] == expected[: len(plan["snapshots"])]
-    assert total - plan["planned_bytes"] <= total // 2 < total - plan["planned_bytes"] + plan["snapshots"][-1]["bytes"]
+    # minimal: without its last snapshot the plan would not make the store fit
+    assert total - plan["planned_bytes"] <= total // 2 < total - plan["planned_bytes"] + plan["snapshots"][-1]["frees_bytes"]
     out = json.loads(ok("prune", "--max-size", f"{total - 1}B", "-y", "--format", "json", store=store).stdout)
     assert [seed.snaps[r["key"]].name for r in out["snapshots"]] == expected[:1]
     assert out["freed_bytes"] == total - blob_bytes(store) > 0
@@ -566,7 +567,7 @@ def test_serve_and_warm_are_dispatched_with_their_arguments(tmp_path):
         import json, sys, types
         seen = {}
         stub = types.ModuleType("kvstore_cli.serve")
-        stub.main = lambda argv, store_dir: seen.update(argv=argv, store=store_dir) or 3
+        stub.main = lambda argv, store_dir, **kw: seen.update(argv=argv, store=store_dir, kw=kw) or 3
         sys.modules["kvstore_cli.serve"] = stub
         from kvstore_cli.main import main
         rc = main(["--store", "/some/store", "serve", "--model", "m", "-q", "--format", "json", "--", "x"])
@@ -574,7 +575,8 @@ def test_serve_and_warm_are_dispatched_with_their_arguments(tmp_path):
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     rc, seen = json.loads(p.stdout)
-    assert rc == 3 and seen == {"argv": ["--model", "m", "-q", "--format", "json", "--", "x"], "store": "/some/store"}
+    assert rc == 3 and seen == {"argv": ["--model", "m", "-q", "--format", "json", "--", "x"], "store": "/some/store",
+                                "kw": {"fmt": None, "quiet": False}}
 
 
 # ------------------------------------------------------------- concurrency

@@ -167,7 +167,7 @@ def test_exact_shorter_and_longer_matches(store, tiny_model, load_tiny):
     # exact: served one token short, never an empty remainder
     c, rest = store.fetch_nearest(fp, toks)
     assert rest == toks[-1:] and c[0].offset == 99
-    assert store.lookup(fp, toks) == (key, 99, "exact")
+    assert store.lookup(fp, toks) == (key, 99, "exact", "user")
 
     # longer request: the stored snapshot is its prefix
     c, rest = store.fetch_nearest(fp, toks + [1, 2, 3])
@@ -177,7 +177,7 @@ def test_exact_shorter_and_longer_matches(store, tiny_model, load_tiny):
     req = toks[:60] + [1, 2, 3]
     c, rest = store.fetch_nearest(fp, req)
     assert rest == [1, 2, 3] and c[0].offset == 60
-    assert store.lookup(fp, req)[1:] == (60, "longer")
+    assert store.lookup(fp, req)[1:] == (60, "longer", "user")
     _, warm = prefill(model, rest, c)
     _, cold = prefill(model, req)
     assert float(mx.abs(warm - cold).max()) <= 1e-5

@@ -1,0 +1,112 @@
+"""kvstore warm: prefill system prompts into a store before deployment.
+
+Each prompt is rendered with the model's chat template and cut where
+mlx_lm.server cuts the system segment, so the first request after the server
+starts hits. Owns argument parsing and reporting; the work is kvstore.warm.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"kvstore warm: cannot read {what} {path}: {exc}") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="kvstore warm",
+        description="Prefill system prompts and store them (tier system) keyed as mlx_lm.server keys "
+                    "the system segment of a chat, so the first request after deployment hits.",
+    )
+    p.add_argument("--store", help="store directory (default: --store before the subcommand, "
+                                   "$KVSTORE_DIR, or the platform cache folder)")
+    p.add_argument("--model", required=True, help="model directory, as given to the server's --model")
+    p.add_argument("--adapter-path", help="adapter directory, as given to the server (default: none)")
+    p.add_argument("--system", action="append", default=[], metavar="TEXT",
+                   help="a system prompt (repeatable: several prompts in one call)")
+    p.add_argument("--system-file", action="append", default=[], metavar="FILE",
+                   help="a file holding one system prompt (repeatable)")
+    p.add_argument("--messages", action="append", default=[], metavar="FILE.json",
+                   help="a JSON chat (list of messages) or a list of chats; each chat's leading "
+                        "system messages are warmed (repeatable)")
+    p.add_argument("--tools", metavar="FILE.json", help="JSON list of tools the requests will carry")
+    p.add_argument("--chat-template-args", type=json.loads, default={}, metavar="JSON",
+                   help="arguments for apply_chat_template, as given to the server (default: {})")
+    p.add_argument("--kv-bits", type=int, help="the server's --kv-bits (default: none)")
+    p.add_argument("--kv-group-size", type=int, default=64, help="the server's --kv-group-size (default: 64)")
+    p.add_argument("--quantized-kv-start", type=int, default=None,
+                   help="the server's --quantized-kv-start (default: mlx-lm's)")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens per prefill step (default: 2048)")
+    p.add_argument("--format", choices=("human", "json"), default=None, help="output format (default: human)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the keys stored")
+    return p
+
+
+def conversations(args):
+    """The chats to warm, from --system, --system-file and --messages."""
+    chats = [[{"role": "system", "content": text}] for text in args.system]
+    for path in args.system_file:
+        try:
+            chats.append([{"role": "system", "content": Path(path).read_text()}])
+        except OSError as exc:
+            raise SystemExit(f"kvstore warm: cannot read {path}: {exc}") from None
+    for path in args.messages:
+        data = _load_json(path, "messages")
+        group = data if data and isinstance(data[0], list) else [data]
+        for chat in group:
+            if not (isinstance(chat, list) and chat and all(isinstance(m, dict) and "role" in m for m in chat)):
+                raise SystemExit(f"kvstore warm: {path} is not a list of chat messages")
+            chats.append(chat)
+    if not chats:
+        raise SystemExit("kvstore warm: give at least one --system, --system-file or --messages")
+    return chats
+
+
+def main(argv, store_dir=None, fmt=None, quiet=False):
+    """Run ``kvstore warm``; return the exit status."""
+    args = build_parser().parse_args(argv)
+    chats = conversations(args)
+    tools = _load_json(args.tools, "tools") if args.tools else None
+    fmt = args.format or fmt or "human"
+    quiet = args.quiet or quiet
+    from kvstore import SnapshotStore, KVStoreError
+    from kvstore.warm import warm
+
+    from .main import default_store
+
+    path = args.store or store_dir or default_store()
+    options = {"kv_bits": args.kv_bits}
+    if args.kv_bits is not None:
+        options["kv_group_size"] = args.kv_group_size
+        if args.quantized_kv_start is not None:
+            options["quantized_kv_start"] = args.quantized_kv_start
+    try:
+        with SnapshotStore(path) as store:
+            results = warm(
+                store, args.model, chats, adapter_path=args.adapter_path, tools=tools,
+                chat_template_args=args.chat_template_args, prefill_step_size=args.prefill_step_size,
+                progress=sys.stderr.isatty() and not quiet, **options,
+            )
+    except KVStoreError as exc:
+        print(f"kvstore warm: {exc}", file=sys.stderr)
+        return 1
+    failed = [r for r in results if r["key"] is None]
+    if fmt == "json":
+        print(json.dumps({"store": str(path), "model": str(args.model), "snapshots": results}, indent=1))
+    elif quiet:
+        for r in results:
+            if r["key"]:
+                print(r["key"])
+    else:
+        for r in results:
+            state = "already stored" if r["existing"] else (
+                f"prefilled in {r['seconds']:.2f}s" if r["key"] else "NOT STORED (see the log)")
+            print(f"{(r['key'] or '-')[:12]}  system  {r['tokens']:>7} tokens  {state}")
+        print(f"Warmed {len(results) - len(failed)} of {len(results)} system prompts in {path}")
+    return 1 if failed else 0
