@@ -80,12 +80,15 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
 
     from .main import default_store
 
+    from .serve import cache_options
+
     path = args.store or store_dir or default_store()
-    options = {"kv_bits": args.kv_bits}
-    if args.kv_bits is not None:
-        options["kv_group_size"] = args.kv_group_size
-        if args.quantized_kv_start is not None:
-            options["quantized_kv_start"] = args.quantized_kv_start
+    if args.quantized_kv_start is None:
+        from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START
+
+        args.quantized_kv_start = DEFAULT_QUANTIZED_KV_START
+    # the fingerprint the server resolves its model key to, with the same options
+    options = cache_options(args)
     try:
         with SnapshotStore(path) as store:
             results = warm(

@@ -1,0 +1,205 @@
+"""kvstore serve and warm: a real mlx-lm server on 127.0.0.1, driven over HTTP."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import kvstore
+
+KVSTORE = shutil.which("kvstore", path=os.path.dirname(sys.executable)) or "kvstore"
+SYSTEM = "You are a careful assistant for a hardware store. Answer in one short sentence. " * 3
+FAMILIES = ("llama", "qwen3_5")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``kvstore serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, store, model, *extra):
+        self.port = free_port()
+        self.log = Path(store).with_name(f"serve-{self.port}.log") if store else Path(f"/tmp/serve-{self.port}.log")
+        args = [KVSTORE, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                "--max-tokens", "8", *extra]
+        if store:
+            args[1:1] = ["--store", str(store)]
+        self.proc = subprocess.Popen(args, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if json.load(r)["status"] == "ok":
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("server did not start: " + self.log.read_text()[-3000:])
+
+    def post(self, path, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)
+
+    def chat(self, user, system=SYSTEM, **kw):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 8, "temperature": 0, **kw})
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("server did not stop on SIGTERM")
+        return self.log.read_text()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.stop()
+
+
+def cached(resp):
+    return resp["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def system_tokens(model_dir):
+    """Length of the system segment mlx_lm.server cuts for SYSTEM."""
+    import mlx_lm
+
+    from kvstore.warm import system_segment
+
+    _, tok = mlx_lm.load(str(model_dir))
+    return len(system_segment(tok, [{"role": "system", "content": SYSTEM}]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_system_prompt_survives_a_restart(tmp_path, tiny_model, family):
+    store, model = tmp_path / "store", tiny_model(family)
+    n_sys = system_tokens(model)
+    with Server(store, model) as s:
+        first = s.chat("Do you sell hammers?")
+        assert cached(first) == 0
+        log = s.stop()
+    assert "Traceback" not in log
+    with Server(store, model) as s:
+        second = s.chat("What time do you open tomorrow?")
+    assert cached(second) >= n_sys, (cached(second), n_sys)
+    entries = kvstore.SnapshotStore(store).entries()
+    assert {e.tier for e in entries} >= {"system", "user"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_warm_then_first_request_hits(tmp_path, tiny_model, family):
+    store, model = tmp_path / "store", tiny_model(family)
+    out = subprocess.run([KVSTORE, "--store", str(store), "warm", "--model", str(model), "--system", SYSTEM,
+                          "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (snap,) = json.loads(out.stdout)["snapshots"]
+    assert snap["key"] and snap["tokens"] == system_tokens(model)
+    with Server(store, model) as s:
+        resp = s.chat("Do you sell nails?")
+    assert cached(resp) >= snap["tokens"]
+    # warming again finds it stored and prefills nothing
+    again = subprocess.run([KVSTORE, "--store", str(store), "warm", "--model", str(model), "--system", SYSTEM,
+                            "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(again.stdout)["snapshots"][0]["existing"] is True
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_and_uncached_answers_are_the_same(tmp_path, tiny_model, family):
+    store, model = tmp_path / "store", tiny_model(family)
+    questions = ["Do you sell hammers?", "Where is the paint aisle?", "Do you sell hammers?"]
+    with Server(store, model) as s:
+        s.chat("Warm-up question about screws?")  # stores the system segment
+        warm = [s.chat(q) for q in questions]
+    with Server(None, model, "--no-disk", "--prompt-cache-size", "0") as s:
+        cold = [s.chat(q) for q in questions]
+    assert all(cached(r) > 0 for r in warm)
+    assert all(cached(r) == 0 for r in cold)
+    for a, b in zip(warm, cold):
+        assert a["choices"][0]["message"] == b["choices"][0]["message"]
+
+
+def test_two_servers_share_one_store(tmp_path, tiny_model):
+    store, model = tmp_path / "store", tiny_model("qwen3_5")
+    n_sys = system_tokens(model)
+    with Server(store, model) as a, Server(store, model) as b:
+        assert cached(a.chat("Do you sell hammers?")) == 0
+        # the first server writes its checkpoints behind the request; give it a moment
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(
+                e.tier == "system" for e in kvstore.SnapshotStore(store).entries()):
+            time.sleep(0.2)
+        resp = b.chat("What time do you open?")
+    assert cached(resp) >= n_sys
+
+
+def test_exact_hit_on_the_batched_path(tmp_path, tiny_model):
+    """A completion whose whole prompt is stored: mlx-lm's own cache would hand
+    the batched server an empty remainder and crash; kvstore serves one token."""
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    store, model = tmp_path / "store", tiny_model("llama")
+    m, tok = mlx_lm.load(str(model))
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    cache = make_prompt_cache(m)
+    mx.eval(m(mx.array(ids)[None], cache=cache))
+    with kvstore.SnapshotStore(store) as st:
+        st.put(kvstore.fingerprint(model), ids, cache, tier="user")
+    with Server(store, model) as s:
+        r1 = s.post("/v1/completions", {"prompt": text, "max_tokens": 4, "temperature": 0})
+        r2 = s.post("/v1/completions", {"prompt": text, "max_tokens": 4, "temperature": 0})
+        log = s.stop()
+    assert cached(r1) == len(ids) - 1 and cached(r2) == len(ids) - 1
+    assert r1["choices"][0]["text"] == r2["choices"][0]["text"]
+    assert "Traceback" not in log
+
+
+def test_unusable_store_serves_without_disk(tmp_path, tiny_model):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store should be")
+    with Server(blocker, tiny_model("llama")) as s:
+        resp = s.chat("Hello?")
+        log = s.stop()
+    assert resp["usage"]["completion_tokens"] > 0 and resp["choices"][0]["finish_reason"]
+    assert "serving without the disk tier" in log
+
+
+def test_disk_budget_enforced_at_startup(tmp_path, tiny_model):
+    store, model = tmp_path / "store", tiny_model("llama")
+    with Server(store, model) as s:
+        for q in ("one?", "two?", "three?"):
+            s.chat(q, system=q * 30)
+    before = kvstore.SnapshotStore(store).total_bytes()
+    assert before > 0
+    with Server(store, model, "--disk-max-bytes", f"{before // 2}B") as s:
+        log = s.stop()
+    assert kvstore.SnapshotStore(store).total_bytes() <= before // 2
+    assert "to fit the" in log
+
+
+def test_help_lists_both_option_sets():
+    out = subprocess.run([KVSTORE, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    assert "--disk-max-bytes" in out.stdout and "--prompt-cache-size" in out.stdout
