@@ -26,8 +26,9 @@ COMMANDS = {
     "import": ("admin", "add the snapshots of an archive to the store"),
     "serve": ("serve", "run mlx_lm.server with the persistent prompt cache"),
     "warm": ("warm", "prefill prompts and store their snapshots"),
+    "demo": ("demo", "warm, serve and restart on a built-in tiny model, showing what is reused"),
 }
-PASSTHROUGH = ("serve", "warm")
+PASSTHROUGH = ("serve", "warm", "demo")
 
 
 def default_store():

@@ -3,80 +3,19 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import kvstore
 
+from kvstore_cli.demo import SYSTEM, LocalServer as Server, cached
+
 KVSTORE = shutil.which("kvstore", path=os.path.dirname(sys.executable)) or "kvstore"
-SYSTEM = "You are a careful assistant for a hardware store. Answer in one short sentence. " * 3
 FAMILIES = ("llama", "qwen3_5")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``kvstore serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, store, model, *extra):
-        self.port = free_port()
-        self.log = Path(store).with_name(f"serve-{self.port}.log") if store else Path(f"/tmp/serve-{self.port}.log")
-        args = [KVSTORE, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-                "--max-tokens", "8", *extra]
-        if store:
-            args[1:1] = ["--store", str(store)]
-        self.proc = subprocess.Popen(args, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if json.load(r)["status"] == "ok":
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError("server did not start: " + self.log.read_text()[-3000:])
-
-    def post(self, path, body):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.load(r)
-
-    def chat(self, user, system=SYSTEM, **kw):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        return self.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 8, "temperature": 0, **kw})
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("server did not stop on SIGTERM")
-        return self.log.read_text()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.stop()
-
-
-def cached(resp):
-    return resp["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 def system_tokens(model_dir):
@@ -203,3 +142,14 @@ def test_help_lists_both_option_sets():
     out = subprocess.run([KVSTORE, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert "--disk-max-bytes" in out.stdout and "--prompt-cache-size" in out.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's first command: warm, serve, restart, compare with --no-disk."""
+    out = subprocess.run([KVSTORE, "--format", "json", "demo", "--demo-store", str(tmp_path / "demo")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    first, _, after_restart, no_disk = report["requests"]
+    assert report["ok"] and first["cached_tokens"] >= report["system_tokens"] > 0
+    assert after_restart["cached_tokens"] >= report["system_tokens"] and no_disk["cached_tokens"] == 0
