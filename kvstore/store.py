@@ -853,15 +853,18 @@ class SnapshotStore:
 
         Shared segments are freed only when no other snapshot uses them.
         """
-        kb = self._key_bytes(key)
+        return self._delete(self._key_bytes(key)) or 0
+
+    def _delete(self, kb):
+        """Delete one snapshot; bytes freed, or ``None`` if it was not there."""
         try:
             with self.index.begin(write=True) as txn:
                 raw = txn.get(kb, db=self.index.db("snap"))
                 if raw is None:
-                    return 0
+                    return None
                 doomed, freed = self._delete_in(txn, kb, unpack_safe(raw))
         except lmdb.Error as exc:
-            raise StoreUnavailable(f"cannot delete {key}: {exc}") from exc
+            raise StoreUnavailable(f"cannot delete {kb.hex()}: {exc}") from exc
         for blob_id in doomed:
             B.unlink_blob(self._fd("blobs"), blob_id)
         self._bad.pop(kb, None)
@@ -977,11 +980,13 @@ class SnapshotStore:
         with self.index.begin() as txn:
             return self._meta_get(txn, "bytes")
 
-    def prune(self, **policy):
+    def prune(self, on_delete=None, **policy):
         """Delete what ``plan_prune(**policy)`` selects; return ``(count, bytes freed)``.
 
         With ``max_bytes`` the real total is checked after each delete, since
         a snapshot whose segments others share frees less than its size.
+        Only snapshots this call deleted are counted (not those another
+        process deleted first); ``on_delete(info)`` is called for each.
         """
         limit = policy.get("max_bytes")
         plan = self.plan_prune(**{**policy, "max_bytes": None})
@@ -989,8 +994,13 @@ class SnapshotStore:
         for e in plan:
             if limit is not None and self.total_bytes() <= limit:
                 break
-            freed += self.delete(e.key)
+            got = self._delete(bytes.fromhex(e.key))
+            if got is None:
+                continue
+            freed += got
             count += 1
+            if on_delete is not None:
+                on_delete(e)
         return count, freed
 
     def _enforce_budget(self, limit=8):
@@ -1071,9 +1081,10 @@ class SnapshotStore:
                 if checked[blob_id] is not None:
                     problems.append(Problem("blob", kb.hex(), blob_id, checked[blob_id]))
                     bad_keys.append((kb, blob_id))
+        scanned_raw = {bytes(k): bytes(v) for k, v in items}
         if problems:
             # deleted by another process since the scan: not a fault
-            scanned = {bytes(k): bytes(v) for k, v in items}
+            scanned = scanned_raw
             with self.index.begin() as txn:
                 snap = self.index.db("snap")
                 live = {p.key for p in problems
@@ -1086,7 +1097,7 @@ class SnapshotStore:
                 if reason is not None:
                     self._quarantine(blob_id)
             for kb, _ in dict.fromkeys(bad_keys):
-                self._force_delete(kb)
+                self._force_delete(kb, scanned_raw.get(kb))
         return problems
 
     def _quarantine(self, blob_id):
@@ -1102,11 +1113,15 @@ class SnapshotStore:
         finally:
             os.close(sub)
 
-    def _force_delete(self, kb):
-        """Delete a record even when it cannot be decoded."""
+    def _force_delete(self, kb, expect=None):
+        """Delete a record even when it cannot be decoded.
+
+        With ``expect`` (the record as a scan saw it), only that record: one
+        another process deleted and stored again since is left alone.
+        """
         with self.index.begin(write=True) as txn:
             raw = txn.get(kb, db=self.index.db("snap"))
-            if raw is None:
+            if raw is None or (expect is not None and bytes(raw) != expect):
                 return
             rec = unpack_safe(raw)
             doomed, _ = self._delete_in(txn, kb, rec)
@@ -1142,9 +1157,10 @@ class SnapshotStore:
                     except FileNotFoundError:
                         pass
         with self.index.begin() as txn:
-            items = [(bytes(k), unpack_safe(v)) for k, v in txn.cursor(db=self.index.db("snap"))]
+            raws = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.index.db("snap"))}
             segs = {bytes(k): unpack_safe(v) for k, v in txn.cursor(db=self.index.db("seg"))}
             accs = [bytes(k) for k in txn.cursor(db=self.index.db("acc")).iternext(keys=True, values=False)]
+        items = [(kb, unpack_safe(raw)) for kb, raw in raws.items()]
         wanted, users = {}, Counter()
         snap_keys = set()
         for kb, rec in items:
@@ -1165,7 +1181,10 @@ class SnapshotStore:
                 continue
             try:
                 for name in os.listdir(sfd):
-                    st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+                    try:
+                        st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # deleted by another process since the listing
                     blob_id = name[: -len(B.SUFFIX)] if name.endswith(B.SUFFIX) else None
                     if blob_id and B.is_blob_id(blob_id) and blob_id[:2] == sub and stat.S_ISREG(st.st_mode):
                         on_disk[blob_id] = st.st_size
@@ -1175,26 +1194,39 @@ class SnapshotStore:
                         continue
                     found.append(Problem("orphan", None, blob_id, f"unreferenced file blobs/{sub}/{name}"))
                     if not dry_run:
-                        os.unlink(name, dir_fd=sfd)
+                        try:
+                            os.unlink(name, dir_fd=sfd)
+                        except FileNotFoundError:
+                            pass
             finally:
                 os.close(sfd)
-        broken = set()
+        bad = []
         for blob_id, (kb, size) in wanted.items():
             if blob_id not in on_disk:
-                broken.add(kb)
-                found.append(Problem("missing", kb.hex(), blob_id, "blob file is missing"))
+                bad.append(Problem("missing", kb.hex(), blob_id, "blob file is missing"))
             elif size is not None and on_disk[blob_id] != size:
-                broken.add(kb)
-                found.append(Problem("corrupt", kb.hex(), blob_id, f"blob is {on_disk[blob_id]} bytes, index says {size}"))
-                if not dry_run:
-                    self._quarantine(blob_id)
+                bad.append(Problem("corrupt", kb.hex(), blob_id, f"blob is {on_disk[blob_id]} bytes, index says {size}"))
+        broken = set()
+        if bad:
+            # a snapshot deleted (or deleted and stored again) by another
+            # process since the scan took its blobs with it: not a fault
+            with self.index.begin() as txn:
+                snap = self.index.db("snap")
+                broken = {kb for kb in {bytes.fromhex(p.key) for p in bad}
+                          if txn.get(kb, db=snap) == raws[kb]}
+            bad = [p for p in bad if bytes.fromhex(p.key) in broken]
+            found.extend(bad)
+            if not dry_run:
+                for p in bad:
+                    if p.kind == "corrupt":
+                        self._quarantine(p.blob)
         stale_segs = [s for s in segs if users[s] == 0]
         stale_acc = [k for k in accs if k not in snap_keys]
         for s in stale_segs:
             found.append(Problem("segment", None, s.hex(), "segment record no snapshot uses"))
         if not dry_run:
             for kb in broken:
-                self._force_delete(kb)
+                self._force_delete(kb, raws[kb])
             dropped = []
             if stale_segs or stale_acc:
                 with self.index.begin(write=True) as txn:

@@ -185,6 +185,150 @@ ROLES = {
     "check_all": role_check_all,
 }
 
+# ------------------------------------------------ reliability roles (load, crashes)
+def prefix_cache(tokens, layers=1):
+    """``synthetic_prefix_cache`` with ``layers`` KV layers (layer i offset by i)."""
+    base = synthetic_prefix_cache(tokens)[0]
+    cache = []
+    for i in range(layers):
+        c = KVCache()
+        c.update_and_fetch(base.keys[..., : len(tokens), :] + i, base.values[..., : len(tokens), :] - i)
+        cache.append(c)
+    mx.eval([c.keys for c in cache])
+    return cache
+
+
+def check_prefix_layers(cache, tokens):
+    """True if ``cache`` holds exactly what ``prefix_cache(tokens, len(cache))`` holds."""
+    want = prefix_cache(tokens, len(cache))
+    n = len(tokens)
+    return all(
+        a.offset == n and bool(mx.array_equal(a.keys[..., :n, :], b.keys[..., :n, :])
+                               and mx.array_equal(a.values[..., :n, :], b.values[..., :n, :]))
+        for a, b in zip(cache, want)
+    )
+
+
+def role_load(args):
+    """Mixed put / fetch / delete / re-put / prune / gc / verify on one store for a
+    bounded time. Reports what it stored and still holds, what its prunes and
+    gcs deleted, per-operation counts and latencies, errors and wrong hits.
+
+    Every hit is checked: a snapshot's KV is a function of its tokens, so any
+    process can tell whether the cache it got is the right one.
+    """
+    from collections import Counter, defaultdict
+
+    rng = np.random.RandomState(args["seed"])
+    store = kvstore.SnapshotStore(args["store"])
+    base = seed_tokens(7, args["prefix"])  # every worker shares this prefix
+    mine, gone = {}, {}
+    pruned, gc_deleted, problems = [], [], []
+    counts, lat = Counter(), defaultdict(list)
+    errors, wrong = [], 0
+    names = ["put", "fetch", "delete", "reput", "prune", "gc", "verify"]
+    probs = args.get("mix", [0.40, 0.36, 0.10, 0.05, 0.04, 0.03, 0.02])
+    layers = args.get("layers", 1)
+    deadline = time.monotonic() + args["seconds"]
+    while time.monotonic() < deadline:
+        op = names[rng.choice(len(names), p=probs)]
+        t0 = time.perf_counter()
+        try:
+            if op == "put":
+                cut = rng.randint(args["prefix"] // 2, args["prefix"] + 1)
+                toks = base[:cut] + [int(t) for t in rng.randint(2000, 3000, rng.randint(1, 60))]
+                key = store.put("synthetic", toks, prefix_cache(toks, layers),
+                                tier=["system", "user", "assistant"][rng.randint(3)])
+                if key:
+                    mine[key] = toks
+                else:
+                    counts["put_none"] += 1
+            elif op == "reput" and gone:
+                key = list(gone)[rng.randint(len(gone))]
+                toks = gone.pop(key)
+                got = store.put("synthetic", toks, prefix_cache(toks, layers), tier="user")
+                if got:
+                    assert got == key, (got, key)
+                    mine[key] = toks
+            elif op == "fetch":
+                if mine and rng.rand() < 0.7:
+                    toks = mine[list(mine)[rng.randint(len(mine))]]
+                    toks = toks[: rng.randint(2, len(toks) + 1)] + [5] * rng.randint(0, 3)
+                else:
+                    toks = base[: rng.randint(2, len(base) + 1)] + [int(t) for t in rng.randint(2000, 3000, 3)]
+                cache, rest = store.fetch_nearest("synthetic", toks)
+                if not rest:
+                    wrong += 1
+                if cache is not None:
+                    counts["hits"] += 1
+                    if not check_prefix_layers(cache, toks[: len(toks) - len(rest)]):
+                        wrong += 1
+                else:
+                    counts["misses"] += 1
+            elif op == "delete" and mine:
+                key = list(mine)[rng.randint(len(mine))]
+                store.delete(key)
+                gone[key] = mine.pop(key)
+            elif op == "prune":
+                if rng.rand() < 0.85:
+                    policy = {"tier": "assistant", "older_than": float(rng.uniform(0.5, 3.0))}
+                else:
+                    policy = {"max_bytes": int(store.total_bytes() * 0.9)}
+                store.prune(on_delete=lambda e: pruned.append(e.key), **policy)
+            elif op == "gc":
+                for p in store.gc(grace=args.get("grace", 60.0)):
+                    problems.append(f"gc {p.kind} {p.key} {p.reason}")
+                    if p.key:
+                        gc_deleted.append(p.key)
+            elif op == "verify":
+                for p in store.verify():
+                    problems.append(f"verify {p.kind} {p.key} {p.reason}")
+            else:
+                continue
+        except Exception as exc:  # counted and reported, the test asserts on it
+            errors.append(f"{op}: {type(exc).__name__}: {exc}")
+            print(f"error: {op}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        counts[op] += 1
+        lat[op].append(time.perf_counter() - t0)
+    store.close()
+    return {
+        "ops": sum(counts[n] for n in names), "counts": dict(counts), "errors": errors, "wrong": wrong,
+        "kept": mine, "pruned": pruned, "gc_deleted": gc_deleted, "problems": problems,
+        "stored_ever": list(mine) + list(gone),
+        "p50_ms": {k: 1000 * float(np.median(v)) for k, v in lat.items()},
+        "p99_ms": {k: 1000 * float(np.percentile(v, 99)) for k, v in lat.items()},
+    }
+
+
+def role_crash_op(args):
+    """Open the store, print ``ready``, then run one operation (``put`` in a
+    loop, ``prune``, ``gc`` or ``import``) until it ends or the test kills us."""
+    store = kvstore.SnapshotStore(args["store"], fsync=args.get("fsync", True))
+    op = args["op"]
+    rng = np.random.RandomState(args.get("seed", 0))
+    base = seed_tokens(7, args.get("prefix", 1000))
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    if op == "put":
+        while True:
+            cut = rng.randint(len(base) // 2, len(base) + 1)
+            toks = base[:cut] + [int(t) for t in rng.randint(2000, 3000, rng.randint(200, 2000))]
+            key = store.put("synthetic", toks, prefix_cache(toks, args.get("layers", 4)),
+                            tier=["system", "user", "assistant"][rng.randint(3)])
+            print(json.dumps({"stored": key}), flush=True)
+    elif op == "prune":
+        count, freed = store.prune(max_bytes=0, on_delete=lambda e: print(json.dumps({"pruned": e.key}), flush=True))
+        out = {"count": count, "freed": freed}
+    elif op == "gc":
+        out = {"problems": len(store.gc(grace=0))}
+    elif op == "import":
+        added, nbytes, problems = store.import_archive(args["archive"])
+        out = {"added": added, "bytes": nbytes, "problems": [p.reason for p in problems]}
+    store.close()
+    return out
+
+
+ROLES.update({"load": role_load, "crash_op": role_crash_op})
+
 if __name__ == "__main__":
     role, raw = sys.argv[1], sys.argv[2]
     result = ROLES[role](json.loads(raw))
