@@ -23,6 +23,10 @@ import msgpack
 from .errors import CorruptSnapshot, StoreUnavailable
 
 DBS = ("snap", "thru", "ends", "seg", "acc", "model", "meta")
+# LMDB allows one environment per file per process: stores opened twice
+# on one path share it. (pid, path) -> [env, dbs, users]
+_OPEN = {}
+_OPEN_LOCK = threading.Lock()
 DUPSORT = ("thru", "ends")
 
 
@@ -57,6 +61,19 @@ class Index:
         self._lock = threading.Lock()
 
     def _open(self):
+        key = (os.getpid(), os.path.realpath(self.path))
+        with _OPEN_LOCK:
+            shared = _OPEN.get(key)
+            if shared is not None:
+                if shared[0].flags()["readonly"] and not self.readonly:
+                    raise StoreUnavailable(f"{self.path} is already open read-only in this process")
+                shared[2] += 1
+                self._env, self._dbs, self._pid = shared[0], shared[1], key[0]
+                return
+            self._open_new()
+            _OPEN[key] = [self._env, self._dbs, 1]
+
+    def _open_new(self):
         try:
             env = lmdb.open(
                 self.path, map_size=self.map_size, subdir=True, max_dbs=len(DBS) + 1,
@@ -96,6 +113,13 @@ class Index:
 
     def close(self):
         if self._env is not None and self._pid == os.getpid():
-            self._env.close()
+            key = (self._pid, os.path.realpath(self.path))
+            with _OPEN_LOCK:
+                shared = _OPEN.get(key)
+                if shared is not None and shared[0] is self._env:
+                    shared[2] -= 1
+                    if shared[2] == 0:
+                        del _OPEN[key]
+                        self._env.close()
         self._env = None
         self._pid = None

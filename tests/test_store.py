@@ -510,3 +510,17 @@ def test_plain_and_quantized_layouts_of_one_model(store, tiny_model):
     assert type(c[0]).__name__ == "QuantizedKVCache" and rest == [1]
     assert store.counters["put_tokens_shared"] == 0
     assert store.verify() == []
+
+
+def test_one_path_opened_twice_in_one_process(tmp_path, tiny_model, load_tiny):
+    """LMDB allows one environment per file per process: two stores on one path share it."""
+    a = kvstore.SnapshotStore(tmp_path / "s")
+    b = kvstore.SnapshotStore(tmp_path / "s", readonly=True)
+    fp, toks, key, _ = _one_snapshot(a, tiny_model, load_tiny)
+    assert b.lookup(fp, toks + [1]).key == key
+    a.close()
+    assert b.fetch_nearest(fp, toks + [1])[0] is not None  # still open for b
+    b.close()
+    c = kvstore.SnapshotStore(tmp_path / "s")
+    assert [e.key for e in c.entries()] == [key]
+    c.close()
