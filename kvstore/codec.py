@@ -211,19 +211,74 @@ def signature(layout, positional, state):
     shape with the token axis of positional tensors left out.
     """
 
-    def strip(node):
-        keep = {k: v for k, v in node.items() if k in ("c", "g", "b", "keep", "max", "cs", "s")}
-        if "ch" in node:
-            keep["ch"] = [strip(x) for x in node["ch"]]
-        return keep
-
     tensors = {k: [d, [a.shape[0], a.shape[1], a.shape[3]]] for k, (d, a) in positional.items()}
     tensors.update({k: [d, list(a.shape)] for k, (d, a) in state.items() if not k.endswith((".k", ".v"))})
     # rotating / chunked windows vary in length: keep their head and width only
     tensors.update(
         {k: [d, [a.shape[0], a.shape[1], a.shape[3]]] for k, (d, a) in state.items() if k.endswith((".k", ".v"))}
     )
-    return {"layout": [strip(n) for n in layout], "tensors": dict(sorted(tensors.items()))}
+    return {"layout": [_strip(n) for n in layout], "tensors": dict(sorted(tensors.items()))}
+
+
+def _strip(node):
+    """A layout node without its per-snapshot fields (token counts, offsets)."""
+    keep = {k: v for k, v in node.items() if k in ("c", "g", "b", "keep", "max", "cs", "s")}
+    if "ch" in node:
+        keep["ch"] = [_strip(x) for x in node["ch"]]
+    return keep
+
+
+def _int(x, lo=0, hi=None):
+    return type(x) is int and x >= lo and (hi is None or x <= hi)
+
+
+def check_layout(layout, sig_layout, n):
+    """Raise ``CorruptSnapshot`` unless ``layout`` (read from a record) is a
+    layout of exactly ``n`` tokens with the class tree and fixed scalars of
+    ``sig_layout`` (the model's recorded signature), as ``encode`` writes it.
+
+    Guards ``decode`` against records that name unknown classes, claim
+    absurd offsets or windows, or do not belong to the model's layout.
+    """
+
+    def walk(node, want, path):
+        if not isinstance(node, dict) or not isinstance(want, dict):
+            raise CorruptSnapshot(f"layer {path}: not a layout node")
+        name = node.get("c")
+        if not isinstance(name, str) or name not in CLASSES:
+            raise CorruptSnapshot(f"unknown cache class {name!r} in layer {path}")
+        if name == "CacheList":
+            ch, wch = node.get("ch"), want.get("ch")
+            if not isinstance(ch, list) or not isinstance(wch, list) or len(ch) != len(wch):
+                raise CorruptSnapshot(f"layer {path}: CacheList does not match the model layout")
+            for i, (a, b) in enumerate(zip(ch, wch)):
+                walk(a, b, f"{path}.{i}")
+            if _strip({k: v for k, v in node.items() if k != "ch"}) != {k: v for k, v in want.items() if k != "ch"}:
+                raise CorruptSnapshot(f"layer {path} does not match the model layout")
+            return
+        if "ch" in node or _strip(node) != want:
+            raise CorruptSnapshot(f"layer {path} ({name}) does not match the model layout")
+        if node.get("e") is not None:
+            if node["e"] != 1:
+                raise CorruptSnapshot(f"layer {path}: bad empty flag")
+            return
+        if name in POSITIONAL:
+            ok = node.get("n") == n
+        elif name == "RotatingKVCache":
+            ok = (node.get("o") == n and _int(node.get("max"), 1) and _int(node.get("keep"))
+                  and _int(node.get("idx"), 0, max(node["max"], n)) and node.get("raw") in (None, 1))
+        elif name == "ChunkedKVCache":
+            ok = node.get("o") == n and _int(node.get("sp"), 0, n) and _int(node.get("cs"), 1)
+        else:  # ArraysCache
+            ok = isinstance(node.get("s"), list) and all(p in (0, 1) for p in node["s"])
+        if not ok:
+            raise CorruptSnapshot(f"layer {path} ({name}) has bad offsets for {n} tokens")
+
+    if not _int(n, 1) or not isinstance(layout, list) or not isinstance(sig_layout, list) \
+            or len(layout) != len(sig_layout):
+        raise CorruptSnapshot("layout does not match the model layout")
+    for i, (node, want) in enumerate(zip(layout, sig_layout)):
+        walk(node, want, str(i))
 
 
 def sig_id(sig):

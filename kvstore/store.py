@@ -105,6 +105,51 @@ def _now():
     return time.time()
 
 
+def _is_id(x):
+    return isinstance(x, bytes) and len(x) == 16
+
+
+def check_record(rec):
+    """Raise ``CorruptSnapshot`` unless ``rec`` has the shape ``put`` writes.
+
+    Index records are decoded from msgpack and may hold anything (a flipped
+    bit, another tool's writes, a hostile archive): every field a reader,
+    ``delete`` or ``gc`` relies on is checked before it is used.
+    """
+    n = rec.get("n")
+    tok, ext, st, links = rec.get("tok"), rec.get("ext"), rec.get("st"), rec.get("links", b"")
+    ok = (
+        rec.get("v") == FORMAT_VERSION and isinstance(rec.get("fp"), str) and isinstance(rec.get("tier"), str)
+        and type(n) is int and n >= 1 and isinstance(tok, bytes) and len(tok) == 4 * n
+        and isinstance(rec.get("lay"), list) and isinstance(rec.get("sid"), str)
+        and isinstance(ext, list)
+        and all(isinstance(e, list) and len(e) == 2 and _is_id(e[0]) and type(e[1]) is int and e[1] >= 1
+                for e in ext)
+        and (st is None or (isinstance(st, list) and len(st) == 3 and _is_id(st[0])
+                            and type(st[1]) is int and st[1] >= 0 and type(st[2]) is int))
+        and isinstance(links, bytes) and len(links) % 16 == 0 and _is_id(rec.get("endl"))
+    )
+    if not ok:
+        raise CorruptSnapshot("malformed snapshot record")
+    return rec
+
+
+def check_segment(srec):
+    """Raise ``CorruptSnapshot`` unless ``srec`` has the shape of a segment record."""
+    if not (isinstance(srec.get("fp"), str) and type(srec.get("rows")) is int and srec["rows"] >= 1
+            and type(srec.get("size")) is int and srec["size"] >= 0 and type(srec.get("hs")) is int
+            and type(srec.get("refs")) is int and type(srec.get("at", 0)) is int):
+        raise CorruptSnapshot("malformed segment record")
+    return srec
+
+
+def _record_or_empty(rec):
+    try:
+        return check_record(rec)
+    except CorruptSnapshot:
+        return {}
+
+
 def _hex(b):
     return b.hex()
 
@@ -160,6 +205,18 @@ class SnapshotStore:
                     os.mkdir(self.path / sub, 0o700)
                 except FileExistsError:
                     pass
+        # LMDB follows links: a planted one must not move the index (or blobs) elsewhere
+        for sub in ("blobs", "tmp", "quarantine", "index", "index/data.mdb", "index/lock.mdb"):
+            try:
+                st = os.lstat(self.path / sub)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot use {self.path / sub}: {exc}") from exc
+            want = stat.S_ISREG if sub.endswith(".mdb") else stat.S_ISDIR
+            if not want(st.st_mode) or (sub.endswith(".mdb") and st.st_nlink != 1):
+                raise StoreUnavailable(f"{self.path / sub} is a link or not a {'file' if sub.endswith('.mdb') else 'folder'}")
+        if not self.readonly:
             tag = self.path / "CACHEDIR.TAG"
             if not tag.exists():
                 self._write_new(tag, CACHEDIR_TAG.encode())
@@ -283,7 +340,7 @@ class SnapshotStore:
                     if txn.get(key, db=snap) is None:
                         continue
                     old = txn.get(key, db=acc)
-                    prev = unpack(old, "access record") if old else {}
+                    prev = _access(unpack_safe(old)) if old else {}
                     txn.put(key, pack({"a": max(t, prev.get("a", 0.0)), "h": prev.get("h", 0) + hits}), db=acc)
         except lmdb.Error as exc:
             raise StoreUnavailable(f"cannot record access times: {exc}") from exc
@@ -432,7 +489,8 @@ class SnapshotStore:
                 txn.put(seg_id, pack(rec), db=db("seg"))
             if seg is not None:
                 seg_id, rows, size, hs = seg
-                txn.put(seg_id, pack({"v": FORMAT_VERSION, "fp": str(fp), "rows": rows, "size": size,
+                # "at": the first token the segment holds (its rows are positional)
+                txn.put(seg_id, pack({"v": FORMAT_VERSION, "fp": str(fp), "rows": rows, "at": n - rows, "size": size,
                                       "hs": hs, "refs": 1, "t": _now()}), db=db("seg"))
             txn.put(key, pack(record), db=db("snap"))
             txn.put(key, pack({"a": record["t"], "h": 0}), db=db("acc"))
@@ -521,7 +579,7 @@ class SnapshotStore:
             if raw is None:
                 continue
             try:
-                rec = unpack(raw)
+                rec = check_record(unpack(raw))
             except CorruptSnapshot:
                 continue
             # only segments of the same exact layout (plain vs quantised KV differ)
@@ -612,13 +670,13 @@ class SnapshotStore:
                     return None
                 try:
                     rec = unpack(raw)
+                    if rec.get("v") != FORMAT_VERSION or rec.get("fp") != str(fp):
+                        return None
+                    return check_record(rec)
                 except CorruptSnapshot as exc:
                     self._fault("fetch", exc, _hex(key))
                     self._bad[key] = time.monotonic()
                     return None
-                if rec.get("v") != FORMAT_VERSION or rec.get("fp") != str(fp):
-                    return None
-                return rec
 
             exact = chain.key(m)
             rec = record(exact)
@@ -675,26 +733,35 @@ class SnapshotStore:
             with self.index.begin() as txn:
                 model_raw = txn.get(str(fp).encode(), db=self.index.db("model"))
                 segs = {}
-                for seg_id, _rows in rec["ext"]:
+                for seg_id, rows in rec["ext"]:
                     raw = txn.get(bytes(seg_id), db=self.index.db("seg"))
                     if raw is None:
                         raise CorruptSnapshot(f"segment {_hex(bytes(seg_id))} is missing from the index")
-                    segs[bytes(seg_id)] = unpack(raw, "segment record")
+                    srec = check_segment(unpack(raw, "segment record"))
+                    if srec["fp"] != rec["fp"]:
+                        raise CorruptSnapshot(f"segment {_hex(bytes(seg_id))} belongs to another model")
+                    if rows > srec["rows"]:
+                        raise CorruptSnapshot(f"extent of {rows} rows in a {srec['rows']}-row segment")
+                    segs[bytes(seg_id)] = srec
             if model_raw is None:
                 raise CorruptSnapshot(f"no layout recorded for {fp}")
-            sig = (unpack(model_raw, "model record").get("sigs") or {}).get(rec.get("sid"))
-            if not isinstance(sig, dict):
+            sigs = unpack(model_raw, "model record").get("sigs")
+            sig = sigs.get(rec.get("sid")) if isinstance(sigs, dict) else None
+            if not isinstance(sig, dict) or not isinstance(sig.get("tensors"), dict):
                 raise CorruptSnapshot(f"no layout {rec.get('sid')} recorded for {fp}")
+            codec.check_layout(rec["lay"], sig.get("layout"), rec["n"])
             tensors = sig["tensors"]
             positional = {}
             specs = codec.positional_specs(rec["lay"])
             cap = codec.headroom(n)
             dests = {}
             for name, _path in specs:
-                if name not in tensors:
+                want = tensors.get(name)
+                if not (isinstance(want, list) and len(want) == 2 and want[0] in B.DTYPES
+                        and isinstance(want[1], list) and len(want[1]) == 3
+                        and all(type(d) is int and d >= 1 for d in want[1])):
                     raise CorruptSnapshot(f"tensor {name} is not in the model layout")
-                sdtype, (b_, h_, x_) = tensors[name][0], tensors[name][1]
-                dests[name] = (sdtype, np.zeros((b_, h_, cap, x_), dtype=B.DTYPES[sdtype]))
+                dests[name] = (want[0], tuple(want[1]), None)
             if dests:
                 pos = 0
                 for seg_id, rows in rec["ext"]:
@@ -702,20 +769,26 @@ class SnapshotStore:
                         break
                     take = min(int(rows), n - pos)
                     srec = segs[bytes(seg_id)]
+                    if srec.get("at", pos) != pos:
+                        raise CorruptSnapshot(f"segment {_hex(bytes(seg_id))} holds tokens from {srec['at']}, not {pos}")
                     with B.BlobReader(self._fd("blobs"), _hex(bytes(seg_id)), srec["size"], srec["hs"]) as r:
-                        for name, (sdtype, dest) in dests.items():
+                        for name, (sdtype, (b_, h_, x_), dest) in list(dests.items()):
                             shape = r.shape(name)
-                            if r.dtype(name) != sdtype or (shape[0], shape[1], shape[3]) != dest.shape[:2] + dest.shape[3:]:
+                            if r.dtype(name) != sdtype or len(shape) != 4 or (shape[0], shape[1], shape[3]) != (b_, h_, x_):
                                 raise CorruptSnapshot(f"segment tensor {name} has shape {shape} {r.dtype(name)}")
                             if shape[2] < take:
                                 raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
+                            if dest is None:
+                                # allocated only once a real blob has shown these shapes
+                                dest = np.zeros((b_, h_, cap, x_), dtype=B.DTYPES[sdtype])
+                                dests[name] = (sdtype, (b_, h_, x_), dest)
                             view = dest.reshape(-1, cap, dest.shape[3])[:, pos : pos + take, :]
                             r.read_rows(name, take, view)
                         self.counters["bytes_read"] += r.bytes_read
                     pos += take
                 if pos < n:
                     raise CorruptSnapshot(f"segments cover {pos} of {n} tokens")
-                positional = {name: codec.to_mx(dest, sdtype) for name, (sdtype, dest) in dests.items()}
+                positional = {name: codec.to_mx(dest, sdtype) for name, (sdtype, _dims, dest) in dests.items()}
             state = {}
             if rec.get("st"):
                 st_id, size, hs = rec["st"]
@@ -723,7 +796,7 @@ class SnapshotStore:
                     for name in r.tensors:
                         arr = r.read(name)
                         want = tensors.get(name)
-                        if want is None or want[0] != r.dtype(name):
+                        if not isinstance(want, list) or len(want) != 2 or want[0] != r.dtype(name):
                             raise CorruptSnapshot(f"state tensor {name} is not in the model layout")
                         shape = list(arr.shape)
                         if name.endswith((".k", ".v")):
@@ -735,7 +808,9 @@ class SnapshotStore:
             cache = codec.decode(rec["lay"], positional, state, n)
             mx.eval([a for a in list(positional.values()) + list(state.values())])
             return cache
-        except (CorruptSnapshot, OSError, KeyError, TypeError, ValueError) as exc:
+        except (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError,
+                OverflowError, MemoryError, RuntimeError) as exc:
+            # RuntimeError: MLX refusing what a damaged record asks of it
             self.counters["misses.corrupt"] += 1
             self._bad[key] = time.monotonic()
             self._fault("load", exc if isinstance(exc, KVStoreError) else CorruptSnapshot(repr(exc)), _hex(key))
@@ -810,7 +885,7 @@ class SnapshotStore:
             names = {}
             for k, raw in txn.cursor(db=self.index.db("snap")):
                 try:
-                    rec = unpack(raw)
+                    rec = check_record(unpack(raw))
                 except CorruptSnapshot:
                     out.append(SnapshotInfo(k.hex(), "?", "?", "?", 0, 0, 0, 0.0, 0.0, 0, False))
                     continue
@@ -821,13 +896,14 @@ class SnapshotStore:
                 fp = rec.get("fp", "?")
                 if fp not in names:
                     m = txn.get(fp.encode(), db=model_db)
-                    names[fp] = (unpack(m, "model record").get("name") if m else "") or fp
+                    name = unpack_safe(m).get("name") if m else ""
+                    names[fp] = name if isinstance(name, str) and name else fp
                 share = shared = unique = 0
                 blob_ids = []
                 for seg_id, _rows in rec.get("ext", []):
                     s = txn.get(bytes(seg_id), db=seg_db)
                     blob_ids.append(bytes(seg_id).hex())
-                    srec = unpack_safe(s) if s is not None else {}
+                    srec = _segment_or_empty(unpack_safe(s)) if s is not None else {}
                     size, refs = srec.get("size", 0), max(srec.get("refs", 1), 1)
                     share += size // refs
                     if refs > 1:
@@ -839,11 +915,12 @@ class SnapshotStore:
                     share += rec["st"][1]
                     unique += rec["st"][1]
                 a = txn.get(k, db=acc_db)
-                acc = unpack(a, "access record") if a else {}
+                acc = _access(unpack_safe(a) if a else {})
+                created = rec.get("t") if isinstance(rec.get("t"), (int, float)) else 0.0
                 out.append(SnapshotInfo(
                     key=k.hex(), fingerprint=fp, model=names[fp], tier=rec.get("tier", "?"),
                     tokens=rec.get("n", 0), bytes=share, shared_bytes=shared, unique_bytes=unique,
-                    created=rec.get("t", 0.0), accessed=acc.get("a", rec.get("t", 0.0)),
+                    created=created, accessed=acc.get("a", created),
                     hits=acc.get("h", 0), trimmable=bool(rec.get("trim")), blobs=blob_ids,
                 ))
         return out
@@ -875,18 +952,23 @@ class SnapshotStore:
         """Remove a record and its index entries inside ``txn``; return (blobs to unlink, bytes)."""
         db = self.index.db
         doomed, freed = [], 0
+        # a malformed record is removed alone; gc drops segments no record uses
+        rec = _record_or_empty(rec)
         n = rec.get("n", 0)
         for seg_id, _rows in rec.get("ext", []) or []:
             seg_id = bytes(seg_id)
             s = txn.get(seg_id, db=db("seg"))
             if s is None:
                 continue
-            srec = unpack_safe(s)
-            refs = srec.get("refs", 1) - 1
+            try:
+                srec = check_segment(unpack(s, "segment record"))
+            except CorruptSnapshot:
+                srec = {"refs": 1, "size": 0}
+            refs = srec["refs"] - 1
             if refs <= 0:
                 txn.delete(seg_id, db=db("seg"))
                 doomed.append(seg_id.hex())
-                freed += srec.get("size", 0)
+                freed += srec["size"]
             else:
                 srec["refs"] = refs
                 txn.put(seg_id, pack(srec), db=db("seg"))
@@ -1048,15 +1130,20 @@ class SnapshotStore:
                 toks = rec.get("tok")
                 if not isinstance(toks, bytes) or len(toks) != 4 * rec.get("n", -1):
                     raise CorruptSnapshot("token list does not match the token count")
+                check_record(rec)
                 blob_list = []
                 covered = 0
                 for seg_id, rows in rec.get("ext", []):
                     seg_id = bytes(seg_id)
                     if seg_id not in segs:
                         raise CorruptSnapshot(f"segment {seg_id.hex()} is missing from the index")
-                    srec = unpack(segs[seg_id], "segment record")
+                    srec = check_segment(unpack(segs[seg_id], "segment record"))
+                    if srec["fp"] != rec["fp"]:
+                        raise CorruptSnapshot(f"segment {seg_id.hex()} belongs to another model")
                     if rows > srec["rows"]:
                         raise CorruptSnapshot(f"extent of {rows} rows in a {srec['rows']}-row segment")
+                    if srec.get("at", covered) != covered:
+                        raise CorruptSnapshot(f"segment {seg_id.hex()} holds tokens from {srec['at']}, not {covered}")
                     covered += rows
                     blob_list.append((seg_id.hex(), srec["size"], srec["hs"]))
                 if rec.get("ext") and covered != rec["n"]:
@@ -1158,9 +1245,9 @@ class SnapshotStore:
                         pass
         with self.index.begin() as txn:
             raws = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.index.db("snap"))}
-            segs = {bytes(k): unpack_safe(v) for k, v in txn.cursor(db=self.index.db("seg"))}
+            segs = {bytes(k): _segment_or_empty(unpack_safe(v)) for k, v in txn.cursor(db=self.index.db("seg"))}
             accs = [bytes(k) for k in txn.cursor(db=self.index.db("acc")).iternext(keys=True, values=False)]
-        items = [(kb, unpack_safe(raw)) for kb, raw in raws.items()]
+        items = [(kb, _record_or_empty(unpack_safe(raw))) for kb, raw in raws.items()]
         wanted, users = {}, Counter()
         snap_keys = set()
         for kb, rec in items:
@@ -1282,7 +1369,7 @@ class SnapshotStore:
             manifest["snapshots"].append({"key": kb, "rec": raw})
             for seg_id, _rows in rec.get("ext", []):
                 srec = segs[bytes(seg_id)]
-                manifest["segments"][bytes(seg_id).hex()] = {k: srec[k] for k in ("fp", "rows", "size", "hs")}
+                manifest["segments"][bytes(seg_id).hex()] = {k: srec[k] for k in ("fp", "rows", "at", "size", "hs") if k in srec}
             fp = rec.get("fp", "").encode()
             if fp in models:
                 manifest["models"][fp.decode()] = models[fp]
@@ -1331,7 +1418,10 @@ class SnapshotStore:
             first = tar.next()
             if first is None or first.name != "manifest.msgpack" or not first.isfile() or first.size > 1 << 30:
                 raise InvalidInput(f"{archive} is not a kvstore archive (no manifest first)")
-            manifest = unpack(tar.extractfile(first).read(), "archive manifest")
+            try:
+                manifest = unpack(tar.extractfile(first).read(), "archive manifest")
+            except (CorruptSnapshot, tarfile.TarError, OSError) as exc:
+                raise InvalidInput(f"{archive} is not a kvstore archive: {exc}") from exc
             if manifest.get("format") != FORMAT_VERSION:
                 raise InvalidInput(f"{archive} has archive format {manifest.get('format')}")
             if manifest.get("block_tokens") != self.block:
@@ -1340,6 +1430,10 @@ class SnapshotStore:
                     f"this store uses {self.block}"
                 )
             segments = manifest.get("segments") or {}
+            models = manifest.get("models") or {}
+            snapshots = manifest.get("snapshots") or []
+            if not isinstance(segments, dict) or not isinstance(models, dict) or not isinstance(snapshots, list):
+                raise InvalidInput(f"{archive} has a malformed manifest")
             # copy blobs in: verified, then renamed into place under their own ids
             arrived = {}
             for member in tar:
@@ -1357,12 +1451,13 @@ class SnapshotStore:
                 if progress:
                     progress(1)
             try:
-                for item in manifest.get("snapshots") or []:
+                for item in snapshots:
                     try:
                         kb, raw = bytes(item["key"]), bytes(item["rec"])
                         rec = unpack(raw)
-                        got = self._import_record(kb, rec, raw, segments, manifest.get("models") or {}, arrived)
-                    except (CorruptSnapshot, InvalidInput, KeyError, TypeError, ValueError) as exc:
+                        got = self._import_record(kb, rec, raw, segments, models, arrived)
+                    except (CorruptSnapshot, InvalidInput, KeyError, TypeError, ValueError, IndexError,
+                            AttributeError) as exc:
                         key = item.get("key") if isinstance(item, dict) else None
                         problems.append(Problem("import", bytes(key).hex() if isinstance(key, bytes) else None,
                                                 None, str(exc)))
@@ -1394,6 +1489,7 @@ class SnapshotStore:
     def _import_record(self, kb, rec, raw, segments, models, arrived):
         if len(kb) != 16 or rec.get("v") != FORMAT_VERSION:
             raise CorruptSnapshot("bad record in archive")
+        check_record(rec)
         fp = rec.get("fp")
         model = models.get(fp)
         if not isinstance(model, dict) or "struct" not in model or not isinstance(model.get("sigs"), dict):
@@ -1403,6 +1499,8 @@ class SnapshotStore:
             meta = segments.get(bytes(seg_id).hex())
             if not isinstance(meta, dict):
                 raise CorruptSnapshot(f"archive has no segment {bytes(seg_id).hex()}")
+            if check_segment({**meta, "refs": 1})["fp"] != fp:
+                raise CorruptSnapshot(f"segment {bytes(seg_id).hex()} belongs to another model")
             need[bytes(seg_id).hex()] = (meta["size"], meta["hs"], meta)
         if rec.get("st"):
             need[bytes(rec["st"][0]).hex()] = (rec["st"][1], rec["st"][2], None)
@@ -1444,8 +1542,11 @@ class SnapshotStore:
                 sid = bytes.fromhex(blob_id)
                 cur = txn.get(sid, db=db("seg"))
                 if cur is None:
-                    txn.put(sid, pack({"v": FORMAT_VERSION, "fp": meta["fp"], "rows": meta["rows"], "size": size,
-                                       "hs": hs, "refs": 1, "t": _now()}), db=db("seg"))
+                    srec = {"v": FORMAT_VERSION, "fp": meta["fp"], "rows": meta["rows"], "size": size, "hs": hs,
+                            "refs": 1, "t": _now()}
+                    if type(meta.get("at")) is int:
+                        srec["at"] = meta["at"]
+                    txn.put(sid, pack(srec), db=db("seg"))
                     new_bytes += size
                 else:
                     srec = unpack(cur, "segment record")
@@ -1462,6 +1563,18 @@ class SnapshotStore:
             self._meta_add(txn, "bytes", new_bytes)
             self._meta_add(txn, "snapshots", 1)
         return new_bytes
+
+
+def _access(acc):
+    """An access record's fields that are numbers (a malformed one counts as none)."""
+    return {k: acc[k] for k in ("a", "h") if type(acc.get(k)) in (int, float)}
+
+
+def _segment_or_empty(srec):
+    try:
+        return check_segment(srec)
+    except CorruptSnapshot:
+        return {}
 
 
 def unpack_safe(raw):

@@ -308,6 +308,7 @@ def role_crash_op(args):
     rng = np.random.RandomState(args.get("seed", 0))
     base = seed_tokens(7, args.get("prefix", 1000))
     print(json.dumps({"ready": os.getpid()}), flush=True)
+    t0 = time.monotonic()
     if op == "put":
         while True:
             cut = rng.randint(len(base) // 2, len(base) + 1)
@@ -323,6 +324,7 @@ def role_crash_op(args):
     elif op == "import":
         added, nbytes, problems = store.import_archive(args["archive"])
         out = {"added": added, "bytes": nbytes, "problems": [p.reason for p in problems]}
+    out["seconds"] = time.monotonic() - t0
     store.close()
     return out
 
