@@ -66,6 +66,7 @@ class _Write:
     cache: list
     tier: str
     nbytes: int = field(default=0)
+    tenant: object = None
 
 
 def _as_list(tokens):
@@ -169,7 +170,7 @@ class _WriteBehind:
         store = self.store
         before = store.counters["bytes_written"]
         try:
-            key = store.put(item.fp, item.tokens, item.cache, item.tier)
+            key = store.put(item.fp, item.tokens, item.cache, item.tier, tenant=item.tenant)
         except Exception as exc:  # fail open: a bad snapshot is a dropped write
             log.warning("kvstore write of %d tokens failed: %s: %s", len(item.tokens), type(exc).__name__, exc)
             key = None
@@ -255,7 +256,9 @@ class TieredPromptCache:
     ``model`` arguments are a fingerprint string (see ``kvstore.fingerprint``),
     an mlx_lm.server model key ``(model_path, adapter_path, draft_path)``
     (fingerprinted once), or any other hashable, which keeps its entries in
-    memory only. Not thread-safe, like ``LRUPromptCache``; the writer thread
+    memory only. ``tenant`` (a string or bytes salt, default none) gives each
+    tenant its own namespace in memory and on disk: one tenant never gets
+    another's cache, even for the same tokens. Not thread-safe, like ``LRUPromptCache``; the writer thread
     never touches the memory tier.
     """
 
@@ -372,9 +375,10 @@ class TieredPromptCache:
                             model, type(exc).__name__, exc)
         return self._fps[model]
 
-    def _key(self, model):
+    def _key(self, model, tenant=None):
         fp = self.fingerprint_of(model)
-        return (model if fp is None else fp), fp
+        key = model if fp is None else fp
+        return (key if tenant is None else ("kvstore.tenant", tenant, key)), fp
 
     # ------------------------------------------------------- LRUPromptCache API
     def __len__(self):
@@ -395,18 +399,18 @@ class TieredPromptCache:
         self._memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
         self._count("memory.evicted", before - len(self._memory))
 
-    def fetch_nearest_cache(self, model, tokens):
+    def fetch_nearest_cache(self, model, tokens, *, tenant=None):
         """``(cache, rest)`` as ``LRUPromptCache.fetch_nearest_cache``, except that
         ``rest`` is never empty: an exact hit serves one token less (trimmed
         for trimmable caches; a non-trimmable exact entry falls back to the
         best shorter checkpoint in memory or on disk)."""
-        got = self.fetch(model, tokens)
+        got = self.fetch(model, tokens, tenant=tenant)
         return got.cache, got.rest
 
-    def fetch(self, model, tokens):
+    def fetch(self, model, tokens, *, tenant=None):
         """Find the best cache for ``tokens`` in memory and on disk; see ``Fetched``."""
         tokens = _as_list(tokens)
-        key, fp = self._key(model)
+        key, fp = self._key(model, tenant)
         self._count("fetches")
         self._count("tokens.requested", len(tokens))
         plan = self._plan(key, tokens)
@@ -415,7 +419,7 @@ class TieredPromptCache:
             self._count("misses.memory")
         got = None
         if self.store is not None and fp is not None and mem_n < len(tokens) - 1:
-            got = self._fetch_disk(key, fp, tokens, mem_n)
+            got = self._fetch_disk(key, fp, tokens, mem_n, tenant)
         if got is None and plan is not None:
             held, n, kind = plan
             entry = self._memory._trie.get(key, held)
@@ -463,12 +467,12 @@ class TieredPromptCache:
             return res.shorter, short, "shorter"
         return None
 
-    def _fetch_disk(self, key, fp, tokens, mem_n):
+    def _fetch_disk(self, key, fp, tokens, mem_n, tenant=None):
         store = self.store
         read = store.counters["bytes_read"]
         try:
             # loads only a match longer than what memory can serve
-            cache, rest, match = store.fetch(fp, tokens, min_tokens=mem_n)
+            cache, rest, match = store.fetch(fp, tokens, min_tokens=mem_n, tenant=tenant)
         except Exception as exc:
             self._fault("fetch", exc)
             return None
@@ -484,7 +488,7 @@ class TieredPromptCache:
         self._count("promotions")
         return Fetched(copy.deepcopy(cache), tokens[n:], n, "disk", tier, match.kind)
 
-    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant", tenant=None):
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
         for persisted tiers, queue it for the disk.
 
@@ -496,7 +500,7 @@ class TieredPromptCache:
         if cache_type not in TIERS:
             raise ValueError(f"cache_type must be one of {TIERS}, got {cache_type!r}")
         tokens = _as_list(tokens)
-        key, fp = self._key(model)
+        key, fp = self._key(model, tenant)
         cache = copy.deepcopy(prompt_cache)
         self._count("inserts")
         self._count(f"inserts.{cache_type}")
@@ -504,7 +508,7 @@ class TieredPromptCache:
         if self._writer is not None and fp is not None and cache_type in self.persist and tokens:
             mx.eval(_arrays(cache, []))
             cache = _settle(cache)
-            self._writer.submit(_Write(fp, tokens, cache, cache_type))
+            self._writer.submit(_Write(fp, tokens, cache, cache_type, tenant=tenant))
         self._maybe_log()
 
     def _memory_insert(self, key, tokens, cache, cache_type):
