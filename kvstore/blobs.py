@@ -11,6 +11,7 @@ This module parses nothing but safetensors headers (bounded JSON) and never
 imports MLX: tensors come in and go out as numpy arrays and buffers.
 """
 
+import errno
 import json
 import os
 import secrets
@@ -125,13 +126,16 @@ def write_blob(blobs_fd, tmp_fd, tensors, meta, fsync=True):
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp_name = f"{blob_id}.tmp"
+    size = 8 + len(raw) + offset
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=tmp_fd)
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+            _write_all(fd, struct.pack("<Q", len(raw)))
+            _write_all(fd, raw)
             for _, arr, _ in tensors.values():
-                f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+                _write_all(fd, memoryview(np.ascontiguousarray(arr)).cast("B"))
+            if os.fstat(fd).st_size != size:
+                raise OSError(errno.EIO, f"blob {blob_id} is {os.fstat(fd).st_size} bytes after writing {size}")
             if fsync:
                 os.fsync(f.fileno())
         sub = open_dir(blob_id[:2], dir_fd=blobs_fd, create=True)
@@ -147,7 +151,18 @@ def write_blob(blobs_fd, tmp_fd, tensors, meta, fsync=True):
         except OSError:
             pass
         raise
-    return blob_id, 8 + len(raw) + offset, xxhash.xxh3_64_intdigest(raw)
+    return blob_id, size, xxhash.xxh3_64_intdigest(raw)
+
+
+def _write_all(fd, data):
+    """Write all of ``data`` or raise: a short write (a file-size limit, a disk
+    filling up) must never leave a blob that looks complete to its writer."""
+    mv = memoryview(data).cast("B")
+    while len(mv):
+        n = os.write(fd, mv)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no progress writing a blob")
+        mv = mv[n:]
 
 
 def unlink_blob(blobs_fd, blob_id):
