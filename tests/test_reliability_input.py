@@ -500,9 +500,10 @@ def test_planted_symlinks_in_the_store_are_never_followed(tmp_path):
         kvstore.SnapshotStore(path)
 
 
-def test_unreadable_blob_is_a_miss(tmp_path):
-    """A blob the server cannot read (mode 000). As root, the reader runs in a
-    child process without the capabilities that let root ignore file modes."""
+def test_wrong_permissions_are_misses_and_failed_puts(tmp_path):
+    """A blob the server cannot read (mode 000) is a miss; a tmp/ folder it
+    cannot write (mode 500) makes puts fail open. As root, the child runs
+    without the capabilities that let root ignore file modes."""
     s = Stored(tmp_path / "store")
     rec = unpack(s.raw(s.key))
     blob = s.blob_path(bytes(rec["ext"][-1][0]).hex())
@@ -511,9 +512,12 @@ def test_unreadable_blob_is_a_miss(tmp_path):
         "import sys, json; sys.path.insert(0, %r); import kvstore; from workers import seed_tokens;"
         "s = kvstore.SnapshotStore(%r); t = seed_tokens(21, 300);"
         "c, rest = s.fetch_nearest('synthetic', t + [5]);"
-        "print(json.dumps([c is None, len(rest), s.counters['faults']]))"
+        "from workers import prefix_cache; u = seed_tokens(23, 40);"
+        "key = s.put('synthetic', u, prefix_cache(u, 2));"
+        "print(json.dumps([c is None, len(rest), s.counters['faults'], key, s.counters['put_failures']]))"
     ) % (str(HERE), str(s.store.path))
     os.chmod(blob, 0)
+    os.chmod(s.store.path / "tmp", 0o500)
     drop = None
     if os.geteuid() == 0:
         # root reads anything: drop the capabilities that bypass file modes
@@ -529,11 +533,17 @@ def test_unreadable_blob_is_a_miss(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          preexec_fn=drop, env={**os.environ, "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
-    miss, rest, faults = json.loads(out.stdout.strip().splitlines()[-1])
-    # the shorter 200-token snapshot shares the unreadable segment's prefix only
-    # when its own segment is readable; either way nothing crashes
-    assert faults >= 1 and (miss or rest < 301)
+    miss, rest, faults, key, put_failures = json.loads(out.stdout.strip().splitlines()[-1])
+    # the 300-token snapshot's own segment is unreadable: a miss (or the intact
+    # 200-token snapshot), never an error
+    assert (miss and rest == 301) or rest == 101
+    assert faults >= 2
+    assert key is None and put_failures == 1
     assert "Traceback" not in out.stderr
+    os.chmod(blob, 0o600)
+    os.chmod(s.store.path / "tmp", 0o700)
+    with kvstore.SnapshotStore(s.store.path) as again:
+        assert again.verify() == [] and len(again.entries()) == 3
 
 
 # ---------------------------------------------------------------------- tokens
