@@ -33,7 +33,7 @@ MODES = {
     "full": {"shape": "llama-135m", "insert_sizes": [512, 2048, 8192], "insert_calls": 30,
              "fetch_sizes": [512, 2048, 8192, 32768], "fetch_calls": 100, "new_turn": 64,
              "write": [("llama-135m", 2048), ("llama-135m", 8192), ("qwen3-0.6b", 2048)],
-             "write_snapshots": 4, "write_repeats": 3},
+             "write_snapshots": 4, "write_repeats": 5},
 }
 FP = "bench-hotpath-model"
 LABELS = {
@@ -166,7 +166,7 @@ def lookup_breakdown(cfg, scratch, rng, reps=50):
         "as_tokens(list)": lambda: as_tokens(req),
         "TokenChain (blake2b per 64-token block)": lambda: TokenChain(root, arr, store.block),
         "array.tolist()": lambda: arr.tolist(),
-        "lookup (all of the above + index)": lambda: store.lookup(FP, req),
+        "SnapshotStore.lookup (conversion, hashing, index)": lambda: store.lookup(FP, req),
     }
     times = {k: [] for k in stages}
     for i in range(reps):

@@ -36,10 +36,12 @@ import common as C  # noqa: E402
 from common import log, now  # noqa: E402
 
 MODES = {
-    "quick": {"models": {"hybrid": "qwen3_5-tiny", "plain": "llama-tiny"}, "chat_turns": 12,
-              "agent_tasks": 2, "agent_rounds": 2, "max_tokens": 8, "repeats": 1, "system_words": 150},
+    "quick": {"models": {"hybrid": "qwen3_5-tiny", "plain": "llama-tiny"}, "chat_turns": 8,
+              "agent_tasks": 2, "agent_rounds": 2, "max_tokens": 8, "repeats": 1, "system_words": 150,
+              "persist_all": False},
     "full": {"models": {"hybrid": "qwen3_5-small", "plain": "llama-small"}, "chat_turns": 40,
-             "agent_tasks": 4, "agent_rounds": 3, "max_tokens": 16, "repeats": 2, "system_words": 300},
+             "agent_tasks": 4, "agent_rounds": 3, "max_tokens": 16, "repeats": 1, "system_words": 200,
+             "persist_all": True},
 }
 CONTENDERS = {
     "mlx_lru": "mlx-lm LRUPromptCache (memory only)",
@@ -231,7 +233,7 @@ def main(argv=None):
                 msgs, points, tools = SCRIPTS[script](cfg)
                 half = (len(points) + 1) // 2
                 for role, path in models.items():
-                    contenders = ["mlx_lru", "kvstore"] + (["kvstore_all"] if script == "agent" else [])
+                    contenders = ["mlx_lru", "kvstore"] + (["kvstore_all"] if script == "agent" and cfg["persist_all"] else [])
                     contenders = C.rotated(contenders, rep)
                     stores = {c: scratch / f"store-{rep}-{script}-{role}-{c}" for c in contenders}
                     run = {"repeat": rep, "script": script, "model": role, "restart_before": half + 1,

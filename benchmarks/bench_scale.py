@@ -258,8 +258,8 @@ def main(argv=None):
         cmds["ls -q"], _ = cli(*st, "-q", "ls")
         cmds["ls -n 20 --sort -accessed"], _ = cli(*st, "ls", "-n", "20", "--sort", "-accessed")
         cmds["stats"], _ = cli(*st, "stats")
-        half = result["bytes"]["kvstore_total_bytes"] // 2
-        cmds["prune --max-size half -y"], out = cli(*st, "prune", "--max-size", f"{half}B", "-y")
+        # every second checkpoint of each conversation is tier assistant: half the store
+        cmds["prune --tier assistant -y"], out = cli(*st, "prune", "--tier", "assistant", "-y")
         cmds["prune_output"] = out.strip().splitlines()[-1:] if out else []
         with SnapshotStore(store_path) as s2:
             cmds["after_prune"] = {"snapshots": len(s2.entries()), "bytes": s2.total_bytes()}

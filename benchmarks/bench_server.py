@@ -31,7 +31,7 @@ from common import log, now  # noqa: E402
 
 MODES = {
     "quick": {"model": "llama-small", "system_words": 300, "rounds": 1},
-    "full": {"model": "llama-135m", "system_words": 350, "rounds": 2},
+    "full": {"model": "llama-135m", "system_words": 180, "rounds": 2},
 }
 KVSTORE = shutil.which("kvstore", path=os.path.dirname(sys.executable)) or "kvstore"
 SERVERS = {"mlx_lm.server": "mlx_lm.server (in-memory LRUPromptCache)", "kvstore serve": "kvstore serve (disk tier)"}
