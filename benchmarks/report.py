@@ -162,8 +162,9 @@ def plot_hotpath(d, out):
     conts = ["lru", "tiered_mem", "tiered_disk"]
     ins = d["insert"]
     ax = axes[0]
-    for k in conts:
-        ax.plot([x["tokens"] for x in ins], [x["calls"][k]["median"] * 1e3 for x in ins], "o-", label=d["labels"][k])
+    for k, color in zip(conts, ("tab:blue", "tab:orange", "tab:green")):
+        ax.plot([x["tokens"] for x in ins], [x["calls"][k]["median"] * 1e3 for x in ins], "o-", color=color,
+                label=d["labels"][k])
     ax.set_title("insert_cache, caller's thread (median)")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("ms per call")
@@ -172,11 +173,12 @@ def plot_hotpath(d, out):
     ax.grid(alpha=0.3)
     fetch = [x for x in d["fetch"] if "tokens" in x]
     ax = axes[1]
+    colors = dict(zip(conts, ("tab:blue", "tab:orange", "tab:green")))
     for k in conts:
-        for kind, style in (("new_turn", "o-"), ("miss", "x--")):
+        for kind, style in (("extend", "s:"), ("new_turn", "o-"), ("miss", "x--")):
             ax.plot([x["tokens"] for x in fetch], [x["kinds"][kind]["calls"][k]["median"] * 1e3 for x in fetch], style,
-                    label=f"{k} {kind}")
-    ax.set_title("fetch_nearest_cache per call (median)")
+                    color=colors[k], label=f"{d['labels'][k]}: {kind}")
+    ax.set_title("fetch_nearest_cache per call (median)", fontsize=10)
     ax.set_xlabel("stored prompt tokens")
     ax.set_ylabel("ms per call")
     ax.set_xscale("log", base=2)
@@ -593,9 +595,13 @@ def gaps_section(data):
                 f"{c['tokens']:,} tokens, {mb(c['kv_bytes'])}): the memory tier keeps the promoted cache and the "
                 "caller gets a `deepcopy` that shares its buffers, so MLX copies every KV buffer on the first write "
                 "(mlx-lm's LRU hands out shared buffers the same way). Writing the first new row into every layer "
-                f"took {ms(kd)} after a `TieredPromptCache` disk hit and {ms(km)} after a memory hit, against "
-                f"{ms(kst)} after `SnapshotStore.fetch_nearest`, whose cache nobody else holds (a memory copy of "
-                f"the bytes: {ms(cp)}). The CPU decode step here ({ms(step_s)}) hides it; on a GPU, where a decode "
+                f"took {ms(kd)} after a `TieredPromptCache` disk hit"
+                + (f" and {ms(km)} after a memory hit" if km is not None else "") +
+                f", against {ms(kst)} after `SnapshotStore.fetch_nearest`, whose cache nobody else holds (a memory "
+                f"copy of the bytes: {ms(cp)})"
+                + ("" if km is not None else "; a memory hit here hands out buffers without headroom (as a one-shot "
+                   "prefill leaves them), so its first step grows them by concatenation, a full copy either way")
+                + f". The CPU decode step here ({ms(step_s)}) hides it; on a GPU, where a decode "
                 "step takes milliseconds, it would not. What would close it: hand the caller the loaded cache and "
                 "promote a copy made off the request path (or promote lazily on the next insert); for memory hits, "
                 "give the memory tier's buffers headroom so the copy is at least not followed by a concatenation.")
@@ -660,6 +666,17 @@ def gaps_section(data):
             f"(shared system prompt), {ms(r['miss']['lookup']['median'], 2)} (miss), against the design goal of well "
             "under 1 ms. Store size barely matters (LMDB lookups are logarithmic); the time is the per-request "
             "token conversion and block hashing above, so the same fixes apply.")
+        b = s["bytes"]
+        items.append(
+            f"**Prefix sharing is close to, not at, the unique bytes**: the segments hold {b['rows_stored']:,} rows "
+            f"for {b['distinct_prefix_tokens']:,} distinct prefix tokens ({times(div(b['rows_stored'], b['distinct_prefix_tokens']), 3)}). "
+            "`_dedup_base` looks for the snapshot to share with among the first 16 snapshots through the deepest "
+            "shared 64-token link (`MAX_CANDIDATES`); under a system prompt that hundreds of conversations pass "
+            "through, a checkpoint whose predecessor ended less than one block past the system prompt usually "
+            "does not find that predecessor and writes its rows again. The same search also links a snapshot to a "
+            "sibling conversation's segment for a single token that happens to match, which costs an extra blob "
+            "open on every restore of it. What would close it: add the longest stored prefix (the `ends` entry "
+            "the lookup already finds) to the candidates, and only share a segment for at least a block of rows.")
         deleted = last["snapshots"] - cmds["after_prune"]["snapshots"]
         items.append(
             f"**Building and pruning a large store**: {puts:,.0f} puts/s with two processes and no fsyncs at all "
