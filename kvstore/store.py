@@ -481,10 +481,13 @@ class SnapshotStore:
                 self._delete_in(txn, key, unpack_safe(old))
             for seg_id, _rows in base:
                 raw = txn.get(seg_id, db=db("seg"))
-                if raw is None:
+                try:
+                    rec = check_segment(unpack(raw, "segment record")) if raw is not None else None
+                except CorruptSnapshot:
+                    rec = None
+                if rec is None:
                     txn.abort()
                     return "retry"
-                rec = unpack(raw, "segment record")
                 rec["refs"] += 1
                 txn.put(seg_id, pack(rec), db=db("seg"))
             if seg is not None:
@@ -823,8 +826,9 @@ class SnapshotStore:
 
     # -------------------------------------------------------- listing, delete
     def tokens_of(self, key):
-        """The token ids of one snapshot (``InvalidInput`` if there is none)."""
-        rec = self._record(key)
+        """The token ids of one snapshot (``InvalidInput`` if there is none,
+        ``CorruptSnapshot`` if its record is damaged)."""
+        rec = check_record(self._record(key))
         return np.frombuffer(rec["tok"], dtype="<i4").tolist()
 
     def _record(self, key):

@@ -599,3 +599,27 @@ def test_token_edge_cases(tmp_path):
             c, rest = t.fetch_nearest_cache(FP, bad)
             assert c is None and list(rest) == list(bad)
         assert t.counters()["disk.faults"] >= 3
+
+
+def test_hostile_segment_records(stored):
+    """A shared segment's record damaged (valid msgpack): readers miss, a new
+    put over that prefix stores the prefix itself, delete and gc still work."""
+    rec = unpack(stored.raw(stored.key))
+    seg = bytes(rec["ext"][0][0])
+    with stored.store.index.begin() as txn:
+        good = unpack(bytes(txn.get(seg, db=stored.store.index.db("seg"))))
+    for bad in ({**good, "refs": "2"}, {**good, "fp": "another-model"}, {**good, "at": 7}, {**good, "rows": -1},
+                {**good, "size": None}, {"v": 1}):
+        stored.put_raw(seg, pack(bad), db="seg")
+        assert stored.fetch() is None, bad
+        stored.store.entries()
+        assert stored.store.verify() != []
+    toks = TOKS[:250] + [2999]
+    key = stored.store.put(FP, toks, prefix_cache(toks, 2))
+    assert key is not None
+    assert stored.fetch(FP, toks) is not None
+    for e in stored.store.entries():
+        stored.store.delete(e.key)
+    stored.store.gc(grace=0)
+    assert stored.store.entries() == [] and stored.store.verify() == []
+    assert list((stored.store.path / "blobs").glob("*/*")) == []
