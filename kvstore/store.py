@@ -15,8 +15,10 @@ miss with a logged, counted reason. Store faults never raise out of ``put``
 or ``fetch_nearest``: they return ``None`` / a miss (fail open).
 """
 
+import atexit
 import errno
 import json
+import weakref
 import logging
 import os
 import shutil
@@ -175,10 +177,16 @@ class SnapshotStore:
         self.fsync = fsync
         self.max_bytes = max_bytes
         self.access_flush = access_flush
+        # this process's counters; written by the caller's and writer threads
         self.counters = Counter()
+        self._count_lock = threading.Lock()
         self._pending = {}
         self._pending_since = None
         self._flusher = None
+        # hit counts and access times batched in memory reach the index even
+        # if the process exits without close()
+        self._at_exit = _flush_at_exit(weakref.ref(self))
+        atexit.register(self._at_exit)
         self._bad = {}
         self._lock = threading.RLock()
         self._fds = {}
@@ -278,6 +286,7 @@ class SnapshotStore:
 
     def close(self):
         """Flush pending access updates and release the index and folders."""
+        atexit.unregister(self._at_exit)
         flusher = self._flusher
         if flusher is not None and flusher.is_alive():
             flusher.join(timeout=10)
@@ -298,10 +307,14 @@ class SnapshotStore:
         self.close()
 
     # ------------------------------------------------------------- accounting
+    def _count(self, name, n=1):
+        with self._count_lock:
+            self.counters[name] += n
+
     def _fault(self, what, exc, key=None):
         reason = f"{type(exc).__name__}: {exc}"
-        self.counters["faults"] += 1
-        self.counters[f"faults.{what}"] += 1
+        self._count("faults")
+        self._count(f"faults.{what}")
         log.warning("kvstore %s failed%s: %s", what, f" for {key}" if key else "", reason)
         return reason
 
@@ -373,7 +386,7 @@ class SnapshotStore:
             raise
         except (KVStoreError, OSError, lmdb.Error) as exc:
             self._fault("put", exc)
-            self.counters["put_failures"] += 1
+            self._count("put_failures")
             return None
 
     @staticmethod
@@ -401,7 +414,7 @@ class SnapshotStore:
         with self.index.begin() as txn:
             old = txn.get(key, db=snap_db)
             if old is not None and self._same_tokens(unpack(old), toks):
-                self.counters["put_existing"] += 1
+                self._count("put_existing")
                 self._touch(key)
                 return _hex(key)
             known = txn.get(fp.encode(), db=model_db)
@@ -449,20 +462,20 @@ class SnapshotStore:
                 for blob_id in written:
                     B.unlink_blob(self._fd("blobs"), blob_id)
                 written = []
-                self.counters["put_dedup_races"] += 1
+                self._count("put_dedup_races")
                 return self._put(fp, chain, enc, sig, tier, tenanted, dedup=False)
             if result == "exists":
                 for blob_id in written:
                     B.unlink_blob(self._fd("blobs"), blob_id)
-                self.counters["put_existing"] += 1
+                self._count("put_existing")
                 return _hex(key)
         except BaseException:
             for blob_id in written:
                 B.unlink_blob(self._fd("blobs"), blob_id)
             raise
-        self.counters["puts"] += 1
-        self.counters["put_tokens_shared"] += shared
-        self.counters["bytes_written"] += own
+        self._count("puts")
+        self._count("put_tokens_shared", shared)
+        self._count("bytes_written", own)
         if self.max_bytes is not None:
             self._enforce_budget()
         return _hex(key)
@@ -626,7 +639,7 @@ class SnapshotStore:
         toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
         rest_all = toks.tolist()
         if len(toks) < 2:
-            self.counters["misses"] += 1
+            self._count("misses")
             return None, rest_all, None
         try:
             chain = TokenChain(namespace(fp, tenant), toks, self.block)
@@ -636,15 +649,15 @@ class SnapshotStore:
                 cache = self._load(fp, chain, plan)
                 if cache is not None:
                     key, n, kind, rec = plan
-                    self.counters["hits"] += 1
-                    self.counters["tokens_reused"] += n
+                    self._count("hits")
+                    self._count("tokens_reused", n)
                     self._touch(key)
                     return cache, rest_all[n:], Match(_hex(key), n, kind, rec.get("tier", "user"))
         except (KVStoreError, OSError, lmdb.Error) as exc:
             if isinstance(exc, InvalidInput):
                 raise
             self._fault("fetch", exc)
-        self.counters["misses"] += 1
+        self._count("misses")
         return None, rest_all, None
 
     def lookup(self, fp, tokens, *, tenant=None):
@@ -787,7 +800,7 @@ class SnapshotStore:
                                 dests[name] = (sdtype, (b_, h_, x_), dest)
                             view = dest.reshape(-1, cap, dest.shape[3])[:, pos : pos + take, :]
                             r.read_rows(name, take, view)
-                        self.counters["bytes_read"] += r.bytes_read
+                        self._count("bytes_read", r.bytes_read)
                     pos += take
                 if pos < n:
                     raise CorruptSnapshot(f"segments cover {pos} of {n} tokens")
@@ -807,14 +820,14 @@ class SnapshotStore:
                         if shape != list(want[1]):
                             raise CorruptSnapshot(f"state tensor {name} has shape {arr.shape}, want {want[1]}")
                         state[name] = codec.to_mx(arr, r.dtype(name))
-                    self.counters["bytes_read"] += r.bytes_read
+                    self._count("bytes_read", r.bytes_read)
             cache = codec.decode(rec["lay"], positional, state, n)
             mx.eval([a for a in list(positional.values()) + list(state.values())])
             return cache
         except (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError,
                 OverflowError, MemoryError, RuntimeError) as exc:
             # RuntimeError: MLX refusing what a damaged record asks of it
-            self.counters["misses.corrupt"] += 1
+            self._count("misses.corrupt")
             self._bad[key] = time.monotonic()
             self._fault("load", exc if isinstance(exc, KVStoreError) else CorruptSnapshot(repr(exc)), _hex(key))
             return None
@@ -949,7 +962,7 @@ class SnapshotStore:
         for blob_id in doomed:
             B.unlink_blob(self._fd("blobs"), blob_id)
         self._bad.pop(kb, None)
-        self.counters["deletes"] += 1
+        self._count("deletes")
         return freed
 
     def _delete_in(self, txn, kb, rec):
@@ -1100,7 +1113,7 @@ class SnapshotStore:
                 if self.total_bytes() <= self.max_bytes:
                     break
                 self.delete(e.key)
-                self.counters["evictions"] += 1
+                self._count("evictions")
         except (KVStoreError, OSError, lmdb.Error) as exc:
             self._fault("evict", exc)
 
@@ -1198,7 +1211,7 @@ class SnapshotStore:
             return
         try:
             os.rename(f"{blob_id}{B.SUFFIX}", f"{blob_id}{B.SUFFIX}", src_dir_fd=sub, dst_dir_fd=self._fd("quarantine"))
-            self.counters["quarantined"] += 1
+            self._count("quarantined")
         except OSError:
             pass
         finally:
@@ -1579,6 +1592,15 @@ def _segment_or_empty(srec):
         return check_segment(srec)
     except CorruptSnapshot:
         return {}
+
+
+def _flush_at_exit(ref):
+    def flush():
+        store = ref()
+        if store is not None and store._pending:
+            store._flush_quietly()
+
+    return flush
 
 
 def unpack_safe(raw):

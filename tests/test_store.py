@@ -524,3 +524,18 @@ def test_one_path_opened_twice_in_one_process(tmp_path, tiny_model, load_tiny):
     c = kvstore.SnapshotStore(tmp_path / "s")
     assert [e.key for e in c.entries()] == [key]
     c.close()
+
+
+def test_hits_reach_the_index_without_close(tmp_path):
+    """Batched hit counts are written at interpreter exit even if close() is never called."""
+    from workers import seed_tokens, synthetic_cache
+
+    path = tmp_path / "s"
+    with kvstore.SnapshotStore(path) as s:
+        s.put("synthetic", seed_tokens(3, 50), synthetic_cache(3, 50))
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import kvstore; from workers import seed_tokens; "
+            f"s = kvstore.SnapshotStore({str(path)!r}); "
+            "[s.fetch_nearest('synthetic', seed_tokens(3, 50) + [1]) for _ in range(3)]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    with kvstore.SnapshotStore(path) as s:
+        assert [e.hits for e in s.entries()] == [3]
