@@ -16,7 +16,6 @@ or ``fetch_nearest``: they return ``None`` / a miss (fail open).
 """
 
 import atexit
-import errno
 import json
 import weakref
 import logging
@@ -34,7 +33,7 @@ import lmdb
 import numpy as np
 
 from . import blobs as B
-from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable, UnsupportedCache
+from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable
 from .index import Index, pack, unpack
 from .keys import TokenChain, as_tokens, namespace
 
@@ -145,9 +144,10 @@ def check_segment(srec):
     return srec
 
 
-def _record_or_empty(rec):
+def _or_empty(check, rec):
+    """``check(rec)``, or ``{}`` for a record that fails it."""
     try:
-        return check_record(rec)
+        return check(rec)
     except CorruptSnapshot:
         return {}
 
@@ -920,7 +920,7 @@ class SnapshotStore:
                 for seg_id, _rows in rec.get("ext", []):
                     s = txn.get(bytes(seg_id), db=seg_db)
                     blob_ids.append(bytes(seg_id).hex())
-                    srec = _segment_or_empty(unpack_safe(s)) if s is not None else {}
+                    srec = _or_empty(check_segment, unpack_safe(s)) if s is not None else {}
                     size, refs = srec.get("size", 0), max(srec.get("refs", 1), 1)
                     share += size // refs
                     if refs > 1:
@@ -970,7 +970,7 @@ class SnapshotStore:
         db = self.index.db
         doomed, freed = [], 0
         # a malformed record is removed alone; gc drops segments no record uses
-        rec = _record_or_empty(rec)
+        rec = _or_empty(check_record, rec)
         n = rec.get("n", 0)
         for seg_id, _rows in rec.get("ext", []) or []:
             seg_id = bytes(seg_id)
@@ -1262,9 +1262,9 @@ class SnapshotStore:
                         pass
         with self.index.begin() as txn:
             raws = {bytes(k): bytes(v) for k, v in txn.cursor(db=self.index.db("snap"))}
-            segs = {bytes(k): _segment_or_empty(unpack_safe(v)) for k, v in txn.cursor(db=self.index.db("seg"))}
+            segs = {bytes(k): _or_empty(check_segment, unpack_safe(v)) for k, v in txn.cursor(db=self.index.db("seg"))}
             accs = [bytes(k) for k in txn.cursor(db=self.index.db("acc")).iternext(keys=True, values=False)]
-        items = [(kb, _record_or_empty(unpack_safe(raw))) for kb, raw in raws.items()]
+        items = [(kb, _or_empty(check_record, unpack_safe(raw))) for kb, raw in raws.items()]
         wanted, users = {}, Counter()
         snap_keys = set()
         for kb, rec in items:
@@ -1585,13 +1585,6 @@ class SnapshotStore:
 def _access(acc):
     """An access record's fields that are numbers (a malformed one counts as none)."""
     return {k: acc[k] for k in ("a", "h") if type(acc.get(k)) in (int, float)}
-
-
-def _segment_or_empty(srec):
-    try:
-        return check_segment(srec)
-    except CorruptSnapshot:
-        return {}
 
 
 def _flush_at_exit(ref):

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ import pytest
 from mlx_lm.models.cache import ArraysCache
 
 import kvstore
+import procs
 from kvstore import blobs as B
 
 HERE = Path(__file__).parent
@@ -42,10 +42,7 @@ HYBRID = "synthetic-hybrid"
 
 
 def spawn(args):
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "workers.py"), "crash_op", json.dumps(args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    return procs.spawn("crash_op", args)
 
 
 def wait_ready(proc):

@@ -518,20 +518,18 @@ def test_wrong_permissions_are_misses_and_failed_puts(tmp_path):
     ) % (str(HERE), str(s.store.path))
     os.chmod(blob, 0)
     os.chmod(s.store.path / "tmp", 0o500)
-    drop = None
-    if os.geteuid() == 0:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop():
         # root reads anything: drop the capabilities that bypass file modes
         # (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from the child's bounding set
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-
-        def drop():
-            for cap in (1, 2):
-                if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-                    raise OSError(ctypes.get_errno(), "prctl")
+        for cap in (1, 2):
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         preexec_fn=drop, env={**os.environ, "HOME": str(tmp_path)})
+                         preexec_fn=drop if os.geteuid() == 0 else None, env={**os.environ, "HOME": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     miss, rest, faults, key, put_failures = json.loads(out.stdout.strip().splitlines()[-1])
     # the 300-token snapshot's own segment is unreadable: a miss (or the intact

@@ -8,7 +8,6 @@ One test runs a real ``kvstore serve`` on 127.0.0.1 against a full disk."""
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -231,7 +230,7 @@ def test_saturated_queue_on_a_filling_disk_keeps_serving(tmp_path):
 
 
 def test_serve_answers_while_the_disk_is_full(tmp_path, tiny_model):
-    from test_serve import SYSTEM, Server, cached
+    from test_serve import Server, cached
 
     model = tiny_model("llama")
     with small_fs(tmp_path / "fs", "16m") as fs:

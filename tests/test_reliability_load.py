@@ -11,7 +11,6 @@ set the run; the figures are printed (``pytest -s``) and, with
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,23 +20,14 @@ import kvstore
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+from procs import result, spawn  # noqa: E402
 from workers import check_prefix_layers  # noqa: E402
 
 SECONDS = float(os.environ.get("KVSTORE_LOAD_SECONDS", "8"))
 PROCS = int(os.environ.get("KVSTORE_LOAD_PROCS", "4"))
 
 
-def spawn(role, args):
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "workers.py"), role, json.dumps(args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
 
-
-def result(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])["result"], err
 
 
 def record(name, figures):

@@ -15,21 +15,12 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
-from kvstore import blobs as B
 from kvstore import tiny
+from procs import run_worker
 
 HERE = Path(__file__).parent
 FAMILIES = tiny.FAMILIES
 NON_TRIMMABLE = ("qwen3_5", "falcon_h1", "mamba")
-
-
-def run_worker(role, args, timeout=300):
-    out = subprocess.run(
-        [sys.executable, str(HERE / "workers.py"), role, json.dumps(args)],
-        capture_output=True, text=True, timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])["result"]
 
 
 def prefill(model, tokens, cache=None):

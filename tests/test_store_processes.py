@@ -1,10 +1,8 @@
 """Several real processes on one store, and writers killed with SIGKILL mid-put."""
 
-import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,22 +10,9 @@ from pathlib import Path
 import pytest
 
 import kvstore
+from procs import result, spawn
 
-HERE = Path(__file__).parent
 CRASH_RUNS = int(os.environ.get("KVSTORE_CRASH_RUNS", "6"))
-
-
-def spawn(role, args):
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "workers.py"), role, json.dumps(args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def result(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])["result"], err
 
 
 def test_concurrent_writers_and_readers(tmp_path):
