@@ -233,6 +233,13 @@ def main(argv=None):
 
             seg_rows = sum(unpack(v)["rows"] for _k, v in txn.cursor(db=store.index.db("seg")))
             segments = txn.stat(store.index.db("seg"))["entries"]
+            # how many segment pieces a restore of each snapshot reads, and how many are
+            # shorter than one 64-token block (other than a snapshot's own last piece)
+            pieces, short = [], 0
+            for _k, v in txn.cursor(db=store.index.db("snap")):
+                ext = unpack(v).get("ext") or []
+                pieces.append(len(ext))
+                short += sum(1 for _s, rows in ext[:-1] if rows < store.block)
         distinct = cfg["systems"] * cfg["system_tokens"] + (len(long_tokens[: long_points[-1]]) - cfg["system_tokens"])
         for j in range(conv):
             _p, cps = conversation(cfg, j)
@@ -247,6 +254,7 @@ def main(argv=None):
             "blob_files_logical": blob_logical, "blob_files_allocated": blob_alloc,
             "index_logical": index_logical, "index_allocated": index_alloc,
             "per_token_bytes_llama_135m": 23_040,
+            "extents_per_snapshot": C.summary(pieces, p99=True), "short_extents": short,
         }
         store.close()
         log(f"scale: {referenced} tokens referenced, {seg_rows} rows stored, {distinct} distinct")

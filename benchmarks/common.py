@@ -470,13 +470,15 @@ def header(bench, mode, argv=None):
     """The common head of a results file: command, machine, load average."""
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + list(argv if argv is not None else sys.argv[1:]))
     return {"bench": bench, "mode": mode, "command": cmd, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "machine": machine(), "load_before": loadavg()}
+            "started_epoch": time.time(), "machine": machine(), "load_before": loadavg()}
 
 
 def finish(result, name=None, out=None):
     """Stamp the end load average and wall time, write JSON, return the path."""
     result["load_after"] = loadavg()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if "started_epoch" in result:
+        result["wall_s"] = time.time() - result["started_epoch"]
     out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name or result['bench']}.json"
