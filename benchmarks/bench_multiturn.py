@@ -128,7 +128,7 @@ def worker(spec):
     import kvstore
     from kvstore import TieredPromptCache
     from kvstore.codec import cache_tokens
-    from kvstore.session import segment_prompt
+    from kvstore.session import segment_prompt, skip_cached
 
     model, tok = mlx_lm.load(spec["model"])
     msgs, points, tools = spec["messages"], spec["points"], spec["tools"]
@@ -160,14 +160,7 @@ def worker(spec):
         if cache is None:
             cache = make_prompt_cache(model)
         cached = len(prompt) - len(rest)
-        n = cached
-        while n > 0:
-            if n >= len(segments[0]):
-                n -= len(segments.pop(0))
-                types.pop(0)
-            else:
-                segments[0] = segments[0][n:]
-                break
+        skip_cached(segments, types, cached)
         pos = cached
         for seg, tier in zip(segments[:-1], types[:-1]):
             for _ in generate_step(mx.array(seg), model, prompt_cache=cache, max_tokens=0):

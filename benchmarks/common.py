@@ -106,22 +106,9 @@ def model_dir(name, seed=0):
     stamp = json.dumps([name, family, overrides, seed, mlx_lm.__version__,
                         hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]], sort_keys=True)
     path = model_cache_root() / f"{name}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
-    if path.is_dir():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        if family == "qwen3":
-            _build_qwen3(tmp, overrides, seed)
-        else:
-            tiny.build(family, tmp, seed=seed, dtype="bfloat16", **overrides)
-        os.rename(tmp, path)
-    except OSError:
-        if not path.is_dir():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    if family == "qwen3":
+        return tiny.build_once(path, lambda tmp: _build_qwen3(tmp, overrides, seed))
+    return tiny.build_once(path, lambda tmp: tiny.build(family, tmp, seed=seed, dtype="bfloat16", **overrides))
 
 
 def model_info(path):

@@ -143,6 +143,18 @@ def segment_prompt(tokenizer, messages, tools=None, chat_template_args=None):
     return prompt, segments, types
 
 
+
+def skip_cached(segments, types, n):
+    """Drop the first ``n`` tokens from ``segments`` (and emptied segments'
+    ``types``) in place, as mlx_lm.server does after a cache hit."""
+    while n > 0:
+        if n >= len(segments[0]):
+            n -= len(segments.pop(0))
+            types.pop(0)
+        else:
+            segments[0] = segments[0][n:]
+            break
+
 @dataclass
 class CallInfo:
     """What one ``stream_chat`` call reused and computed.
@@ -268,15 +280,7 @@ class PromptSession:
         cache = got.cache
         if cache is None:
             cache = make_prompt_cache(model, max_kv_size=self.cache_options.get("max_kv_size"))
-        # drop what the cache covers, as mlx_lm.server does
-        n = got.reused
-        while n > 0:
-            if n >= len(segments[0]):
-                n -= len(segments.pop(0))
-                types.pop(0)
-            else:
-                segments[0] = segments[0][n:]
-                break
+        skip_cached(segments, types, got.reused)
         kw = self._gen_kwargs()
         pos = got.reused
         t0 = time.perf_counter()

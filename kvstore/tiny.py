@@ -407,12 +407,19 @@ def model_dir(family: str, **kw) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = cache_root()
     path = root / f"{family}-{digest}"
+    return build_once(path, lambda tmp: build(family, tmp, **kw))
+
+
+def build_once(path, make):
+    """Build a directory at ``path`` once: ``make(tmp)`` fills a temp folder
+    beside it, renamed into place; a concurrent winner's copy is used."""
+    path = Path(path)
     if path.is_dir():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", dir=root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        build(family, tmp, **kw)
+        make(tmp)
         os.rename(tmp, path)
     except OSError:
         if not path.is_dir():
