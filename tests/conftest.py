@@ -2,6 +2,8 @@
 
 import pytest
 
+import kvstore
+
 from kvstore import tiny
 
 
@@ -28,3 +30,11 @@ def load_tiny(tiny_model):
         return loaded[family]
 
     return load
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh ``SnapshotStore`` with 16-token blocks (short prompts reach block links)."""
+    s = kvstore.SnapshotStore(tmp_path / "store", block_tokens=16)
+    yield s
+    s.close()

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 import kvstore
 from kvstore import TieredPromptCache
@@ -21,13 +20,6 @@ from workers import check_prefix_layers, prefix_cache, seed_tokens  # noqa: E402
 
 FP = "synthetic"
 SYSTEM = seed_tokens(31, 600)  # a "secret" system prompt
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = kvstore.SnapshotStore(tmp_path / "store", block_tokens=16)
-    yield s
-    s.close()
 
 
 def test_same_tokens_other_tenant_is_unreachable(store):

@@ -35,13 +35,6 @@ def prompt(n, seed=0, vocab=tiny.VOCAB_SIZE):
     return [int(t) for t in np.random.RandomState(seed).randint(5, vocab, n)]
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = kvstore.SnapshotStore(tmp_path / "store", block_tokens=16)
-    yield s
-    s.close()
-
-
 def blob_files(store):
     root = store.path / "blobs"
     return sorted(p for p in root.glob("*/*") if p.is_file() or p.is_symlink())
