@@ -32,7 +32,6 @@ def test_concurrent_writers_and_readers(tmp_path):
     kept = {k: v for r, _ in results for k, v in r["kept"].items()}
     listed = {e.key for e in store.entries()}
     # everything a process stored and did not delete is still there
-    # (two processes may store the same tokens: one key, one snapshot)
     assert set(kept) <= listed
     check, _ = result(spawn("check_all", {"store": path, "kind": "prefix"}))
     assert check == {"ok": len(listed), "bad": 0}

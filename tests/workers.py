@@ -113,7 +113,11 @@ def role_mixed(args):
         op = rng.choice(["put", "fetch", "delete"], p=[0.5, 0.4, 0.1])
         try:
             if op == "put":
-                tail = [int(t) for t in rng.randint(2000, 3000, rng.randint(1, 40))]
+                # tails from this worker's own token range: two workers never
+                # hold the same snapshot, so one's delete cannot remove what
+                # the other reports as kept; they still share the prefix
+                lo = 2000 + 1000 * args["seed"]
+                tail = [int(t) for t in rng.randint(lo, lo + 1000, rng.randint(1, 40))]
                 toks = base + tail
                 cache = synthetic_prefix_cache(toks)
                 key = store.put("synthetic", toks, cache, tier=rng.choice(["system", "user", "assistant"]))
