@@ -289,7 +289,7 @@ def machine(tmp=None):
     mem = next((int(line.split()[1]) * 1024 for line in _read("/proc/meminfo").splitlines()
                 if line.startswith("MemTotal")), None)
     versions = {}
-    for pkg in ("mlx", "mlx-lm", "numpy", "lmdb", "safetensors", "xxhash", "mlx-kvstore"):
+    for pkg in ("mlx", "mlx-lm", "numpy", "lmdb", "safetensors", "xxhash", "blake3", "mlx-kvstore"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -73,7 +73,7 @@ def table(head, rows):
 
 def load(results):
     data = {}
-    for name in ("run_all", "restore", "hotpath", "multiturn", "scale", "server"):
+    for name in ("run_all", "restore", "hotpath", "multiturn", "scale", "server", "fingerprint"):
         p = Path(results) / f"{name}.json"
         if p.exists():
             data[name] = json.loads(p.read_text())
@@ -589,6 +589,29 @@ def server_section(d):
     return "\n".join(out)
 
 
+def fingerprint_section(d):
+    """What hashing every weight byte costs, at the first and at later starts."""
+    out = ["## Model fingerprints: every weight byte, once", "",
+           f"Script: `{cmd(d)}`; {loads_line(d)}. A model folder of random safetensors shards, fingerprinted in a "
+           "fresh process per run (time of the call, medians of interleaved runs); BLAKE3 through a memory map on "
+           "every core; a later start finds each file's digest in the store by its content identity (device, "
+           "inode, size, mtime, ctime) and reads nothing.", ""]
+    rows = []
+    for size in d["sizes"]:
+        r = size["runs"]
+        m = {k: C.median([x["seconds"] for x in v]) for k, v in r.items()}
+        rows.append([mb(size["bytes"]), str(size["files"]),
+                     f"{sec(m['first_dropped'])} ({rate(size['bytes'], m['first_dropped'])})",
+                     f"{sec(m['raw_dropped'])} ({rate(size['bytes'], m['raw_dropped'])})",
+                     f"{sec(m['first_warm'])} ({rate(size['bytes'], m['first_warm'])})",
+                     f"{sec(m['raw_warm'])} ({rate(size['bytes'], m['raw_warm'])})",
+                     sec(m["later"]), "yes" if size["same_fingerprint"] else "NO"])
+    out += [table(["weights", "files", "first start, pages dropped", "raw read, pages dropped",
+                   "first start, page cache warm", "raw read, warm", "later start (digest cache)",
+                   "same fingerprint every run"], rows), ""]
+    return "\n".join(out)
+
+
 def gaps_section(data):
     """Where kvstore is slower, from the numbers of this run."""
     out = ["## Where kvstore is slower, and what would close the gap", ""]
@@ -839,7 +862,7 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS):
            "in `benchmarks/`: `run_all.py --quick` (a few minutes) or `--full`.", "",
            machine_section(data), "", summary_section(data), gaps_section(data)]
     for name, fn in (("restore", restore_section), ("hotpath", hotpath_section), ("multiturn", multiturn_section),
-                     ("scale", scale_section), ("server", server_section)):
+                     ("scale", scale_section), ("server", server_section), ("fingerprint", fingerprint_section)):
         if name in data:
             doc.append(fn(data[name]))
     rel = Path(plots).resolve().relative_to(Path(md).resolve().parent) if Path(plots).resolve().is_relative_to(

@@ -1,24 +1,38 @@
 """Model fingerprints: the namespace that keeps a snapshot with its model.
 
-A fingerprint covers what decides the KV a model computes: the weights (by
-their safetensors headers and samples of every tensor's bytes, never whole
-files), the config, the tokenizer files, an adapter, the mlx-lm version and
-the cache options that change the cache layout. It is stable across
-processes and machines for the same files. This module imports no MLX.
+A fingerprint covers what decides the KV a model computes: every byte of
+every weight file (BLAKE3, read through a memory map on all cores), the
+config, the tokenizer files, an adapter, a draft model, the mlx-lm version
+and the cache options that change the cache layout. It is stable across
+processes and machines for the same files.
+
+Hashing a 70 GB model reads 70 GB, so a file's digest is remembered by what
+identifies its content on disk (device, inode, size, mtime and ctime in ns):
+in this process, and in a store's digest cache when one is given, so a
+restart re-reads nothing. A file in a Hugging Face cache ``blobs/`` folder is
+named by the SHA-256 of its content, and that name is used instead of
+reading it. This module imports no MLX.
 """
 
 import hashlib
 import json
 import os
+import re
 import struct
+import threading
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
+
+import blake3
 
 from .errors import InvalidInput
 
-FINGERPRINT_VERSION = 1
-# bytes hashed at the start, middle and end of every tensor
-SAMPLE = 64
+FINGERPRINT_VERSION = 2
+# digests of weight files by content identity, for this process
+_MEMO = {}
+_MEMO_LOCK = threading.Lock()
+_HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -53,8 +67,72 @@ class Fingerprint(str):
         return obj
 
 
-def _sample_safetensors(h, path):
-    """Hash a safetensors file's header and small samples of each tensor."""
+class FileDigest(NamedTuple):
+    """A weight file's content digest and where it came from: ``"hashed"``
+    (read whole now), ``"memo"`` (this process hashed it before), ``"cache"``
+    (a store's digest cache) or ``"hf-blob"`` (its Hugging Face blob name)."""
+
+    digest: bytes
+    source: str
+
+
+def content_identity(st):
+    """What identifies a file's content on disk, as bytes: device, inode,
+    size, mtime and ctime in nanoseconds (ctime cannot be set back by a user,
+    so a rewrite in place always changes it)."""
+    return f"blake3:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode()
+
+
+def _hf_blob_digest(path):
+    """The SHA-256 a Hugging Face cache names a blob by, or ``None``.
+
+    Only a file reached in ``models--*/blobs/<64 hex digits>`` counts: the
+    hub stores large files under the SHA-256 of their content.
+    """
+    real = Path(os.path.realpath(path))
+    if _HF_BLOB.match(real.name) and real.parent.name == "blobs" and real.parent.parent.name.startswith("models--"):
+        return b"sha256:" + bytes.fromhex(real.name)
+    return None
+
+
+def file_digest(path, cache=None):
+    """The ``FileDigest`` of every byte of the file at ``path``.
+
+    ``cache`` is an optional store digest cache (``get(identity)`` /
+    ``put(identity, digest, path)``, as ``SnapshotStore.file_digests``); a file is
+    read only when neither this process nor the cache has its identity.
+    """
+    hf = _hf_blob_digest(path)
+    if hf is not None:
+        return FileDigest(hf, "hf-blob")
+    for _ in range(3):
+        before = os.stat(path)
+        ident = content_identity(before)
+        with _MEMO_LOCK:
+            memo = _MEMO.get(ident)
+        if memo is not None:
+            return FileDigest(memo, "memo")
+        cached = cache.get(ident) if cache is not None else None
+        if cached is not None:
+            with _MEMO_LOCK:
+                _MEMO[ident] = cached
+            return FileDigest(cached, "cache")
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if before.st_size:
+            h.update_mmap(str(path))
+        digest = b"blake3:" + h.digest()
+        if content_identity(os.stat(path)) != ident:
+            continue  # rewritten while we read it: read it again
+        with _MEMO_LOCK:
+            _MEMO[ident] = digest
+        if cache is not None:
+            cache.put(ident, digest, str(path))
+        return FileDigest(digest, "hashed")
+    raise InvalidInput(f"{path} keeps changing while it is read")
+
+
+def _check_safetensors(path):
+    """Raise ``InvalidInput`` unless ``path`` starts with a plausible safetensors header."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -63,28 +141,13 @@ def _sample_safetensors(h, path):
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, 100 << 20):
             raise InvalidInput(f"{path} has an invalid safetensors header")
-        header = f.read(n)
-        h.update(struct.pack("<QQ", size, n) + header)
         try:
-            entries = json.loads(header)
+            json.loads(f.read(n))
         except ValueError as exc:
             raise InvalidInput(f"{path} has an invalid safetensors header") from exc
-        base = 8 + n
-        spans = sorted(
-            v["data_offsets"] for k, v in entries.items() if k != "__metadata__" and isinstance(v, dict)
-        )
-        fd = f.fileno()
-        for start, end in spans:
-            length = end - start
-            if length <= 3 * SAMPLE:
-                h.update(os.pread(fd, length, base + start))
-                continue
-            mid = start + (length // 2) - SAMPLE // 2
-            for off in (start, mid, end - SAMPLE):
-                h.update(os.pread(fd, SAMPLE, base + off))
 
 
-def _hash_dir(h, root, label):
+def _hash_dir(h, root, label, cache=None):
     root = Path(root)
     if not root.is_dir():
         raise InvalidInput(f"{label} directory not found: {root}")
@@ -99,8 +162,8 @@ def _hash_dir(h, root, label):
             h.update(name.encode() + b"\0" + p.read_bytes())
     weights = sorted(root.glob("*.safetensors"))
     for p in weights:
-        h.update(p.name.encode() + b"\0")
-        _sample_safetensors(h, p)
+        _check_safetensors(p)
+        h.update(p.name.encode() + b"\0" + file_digest(p, cache).digest)
     return len(weights)
 
 
@@ -119,19 +182,21 @@ def _mlx_lm_version():
         return "unknown"
 
 
-def fingerprint(model_dir, *, adapter_path=None, draft_model=None, **cache_options):
+def fingerprint(model_dir, *, adapter_path=None, draft_model=None, digests=None, **cache_options):
     """Return the ``Fingerprint`` of a model directory and cache recipe.
 
     Args:
         model_dir: a local model directory (config.json, *.safetensors, tokenizer).
         adapter_path: optional adapter directory (LoRA), part of the identity.
         draft_model: optional draft model directory (its cache is appended).
+        digests: a store's weight-digest cache (``SnapshotStore.file_digests``):
+            weight files it has seen unchanged are not read again.
         **cache_options: options that change the cache layout: ``kv_bits``,
             ``kv_group_size``, ``quantized_kv_start``, ``max_kv_size``. Options
             left at ``None`` do not change the fingerprint.
 
-    Reads whole only the small files; each weight tensor is sampled at three
-    points, so a 70 GB model fingerprints in milliseconds.
+    Every byte of every weight file is hashed (BLAKE3, about the speed of
+    reading the file), once per file content: see ``file_digest``.
     """
     unknown = set(cache_options) - set(LAYOUT_OPTIONS)
     if unknown:
@@ -139,12 +204,12 @@ def fingerprint(model_dir, *, adapter_path=None, draft_model=None, **cache_optio
     model_dir = Path(model_dir)
     h = hashlib.blake2b(digest_size=16, person=b"kvstore.fp")
     h.update(f"v{FINGERPRINT_VERSION} mlx-lm {_mlx_lm_version()}".encode())
-    if _hash_dir(h, model_dir, "model") == 0:
+    if _hash_dir(h, model_dir, "model", digests) == 0:
         raise InvalidInput(f"no *.safetensors weights in {model_dir}")
     if adapter_path is not None:
-        _hash_dir(h, adapter_path, "adapter")
+        _hash_dir(h, adapter_path, "adapter", digests)
     if draft_model is not None:
-        _hash_dir(h, draft_model, "draft")
+        _hash_dir(h, draft_model, "draft", digests)
     options = {k: v for k, v in sorted(cache_options.items()) if v is not None}
     if options.get("kv_bits") is None:
         # group size and start only matter once KV is quantised

@@ -7,6 +7,7 @@ Databases:
   seg    segment id -> shared positional-KV segment (rows, size, checksum, refs)
   acc    snapshot key -> (last access, hits), updated in batches
   model  fingerprint -> name, vocabulary size and cache layout signature
+  files  weight file content identity -> its digest (fingerprints need not re-read weights)
   meta   counters and settings every process agrees on
 
 This module owns the environment's life cycle (opened lazily after fork,
@@ -22,7 +23,9 @@ import msgpack
 
 from .errors import CorruptSnapshot, StoreUnavailable
 
-DBS = ("snap", "thru", "ends", "seg", "acc", "model", "meta")
+DBS = ("snap", "thru", "ends", "seg", "acc", "model", "meta", "files")
+# databases a store written by an older version may lack (opened read-only, they read as empty)
+OPTIONAL = ("files",)
 # LMDB allows one environment per file per process: stores opened twice
 # on one path share it. (pid, path) -> [env, dbs, users]
 _OPEN = {}
@@ -88,10 +91,15 @@ class Index:
             pass
         dbs = {}
         for name in DBS:
-            dbs[name] = env.open_db(
-                name.encode(), create=not self.readonly, dupsort=name in DUPSORT,
-                dupfixed=name in DUPSORT,
-            )
+            try:
+                dbs[name] = env.open_db(
+                    name.encode(), create=not self.readonly, dupsort=name in DUPSORT,
+                    dupfixed=name in DUPSORT,
+                )
+            except lmdb.NotFoundError:
+                if name not in OPTIONAL:
+                    raise StoreUnavailable(f"the index at {self.path} has no {name!r} database") from None
+                dbs[name] = None
         self._env, self._dbs, self._pid = env, dbs, os.getpid()
 
     @property

@@ -221,17 +221,18 @@ class PromptSession:
             self.model, self.tokenizer = mlx_lm.load(str(model), adapter_path=adapter_path)
         else:
             self.model, self.tokenizer = model
-        if fingerprint is None and model_path is not None:
-            fingerprint = make_fingerprint(model_path, adapter_path=adapter_path, **cache_options)
-        if fingerprint is None:
-            log.info("kvstore: no model path or fingerprint given; caches stay in memory")
-        self.fingerprint = fingerprint
-        self._key = fingerprint if fingerprint is not None else _MemoryOnly()
         self.cache_options = cache_options
         self._owns_cache = not isinstance(store, TieredPromptCache)
         if self._owns_cache:
             store = TieredPromptCache(store, max_size, max_bytes, persist=persist, **cache_options)
         self.cache = store
+        if fingerprint is None and model_path is not None:
+            fingerprint = make_fingerprint(model_path, adapter_path=adapter_path,
+                                           digests=getattr(store.store, "file_digests", None), **cache_options)
+        if fingerprint is None:
+            log.info("kvstore: no model path or fingerprint given; caches stay in memory")
+        self.fingerprint = fingerprint
+        self._key = fingerprint if fingerprint is not None else _MemoryOnly()
         if normalize is True:
             self.patterns = VOLATILE_PATTERNS
         elif normalize:

@@ -196,6 +196,7 @@ class SnapshotStore:
         self.map_size = settings["map_size"]
         self.index = Index(self.path / "index", self.map_size, readonly=readonly)
         self.index.env  # open now: fail early and clear stale readers
+        self.file_digests = FileDigests(self)
 
     # ------------------------------------------------------------------ setup
     def _open_root(self, map_size, block_tokens):
@@ -1580,6 +1581,44 @@ class SnapshotStore:
             self._meta_add(txn, "bytes", new_bytes)
             self._meta_add(txn, "snapshots", 1)
         return new_bytes
+
+
+class FileDigests:
+    """The store's cache of weight-file digests, for ``kvstore.fingerprint``.
+
+    Keys are a file's content identity (``fingerprint.content_identity``),
+    values its digest and the path it was read at, so every process that
+    opens the store skips re-reading weights it has hashed before. A read-only
+    store only reads the cache; a write that fails is counted, never raised.
+    """
+
+    def __init__(self, store):
+        self._store = store
+
+    def get(self, identity):
+        """The digest recorded for ``identity``, or ``None``."""
+        index = self._store.index
+        if index.db("files") is None:
+            return None
+        try:
+            with index.begin() as txn:
+                raw = txn.get(identity, db=index.db("files"))
+        except lmdb.Error as exc:
+            self._store._fault("digest-cache", exc)
+            return None
+        digest = unpack_safe(raw).get("d") if raw is not None else None
+        return digest if isinstance(digest, bytes) else None
+
+    def put(self, identity, digest, path=""):
+        """Record ``digest`` for ``identity`` (nothing in a read-only store)."""
+        store = self._store
+        if store.readonly or store.index.db("files") is None:
+            return
+        try:
+            with store.index.begin(write=True) as txn:
+                txn.put(identity, pack({"d": digest, "p": str(path), "t": _now()}), db=store.index.db("files"))
+        except lmdb.Error as exc:
+            store._fault("digest-cache", exc)
 
 
 def _access(acc):

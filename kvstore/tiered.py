@@ -366,7 +366,7 @@ class TieredPromptCache:
             try:
                 self._fps[model] = fingerprint(
                     _local_dir(path), adapter_path=_local_dir(adapter), draft_model=_local_dir(draft),
-                    **self.cache_options,
+                    digests=getattr(self.store, "file_digests", None), **self.cache_options,
                 )
             except Exception as exc:
                 self._fps[model] = None

@@ -96,7 +96,7 @@ def warm(store, model_path, conversations, *, adapter_path=None, tools=None, cha
     from .fingerprint import fingerprint
 
     model, tokenizer = mlx_lm.load(str(model_path), adapter_path=adapter_path)
-    fp = fingerprint(model_path, adapter_path=adapter_path, **cache_options)
+    fp = fingerprint(model_path, adapter_path=adapter_path, digests=store.file_digests, **cache_options)
     out = []
     for messages in conversations:
         tokens = system_segment(tokenizer, messages, tools=tools, chat_template_args=chat_template_args)

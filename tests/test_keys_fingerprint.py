@@ -1,6 +1,7 @@
 """Token keys and model fingerprints."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 import kvstore
 from kvstore import tiny
+from kvstore.fingerprint import file_digest
 from kvstore.keys import TokenChain, as_tokens, namespace
 
 
@@ -119,12 +121,11 @@ def test_fingerprint_changes_with_what_changes_the_kv(tiny_model, tmp_path):
         kvstore.fingerprint(path, kv_bitz=4)
 
 
-def test_fingerprint_of_a_70gb_model_reads_only_samples(tmp_path):
-    """A sparse 70 GB safetensors file fingerprints in well under a second."""
-    d = tmp_path / "huge"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 128256}))
-    per = 70 * 10**9 // 400
+def sparse_model(d, nbytes, model_type="llama"):
+    """A model folder whose one safetensors file is ``nbytes`` of holes (nothing written)."""
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 128256}))
+    per = nbytes // 400
     header, off = {}, 0
     for i in range(400):
         header[f"model.layers.{i}.weight"] = {"dtype": "BF16", "shape": [per // 2], "data_offsets": [off, off + per]}
@@ -134,11 +135,59 @@ def test_fingerprint_of_a_70gb_model_reads_only_samples(tmp_path):
     with open(d / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + off)
-    assert (d / "model.safetensors").stat().st_size > 69 * 10**9
+    return d / "model.safetensors"
+
+
+def test_a_hugging_face_blob_is_named_by_its_content(tmp_path):
+    """A 70 GB file in a Hugging Face cache is not read: its blob name is the SHA-256 of its content."""
+    repo = tmp_path / "hub" / "models--org--big"
+    weights = sparse_model(repo / "staging", 70 * 10**9)
+    sha = "ab" * 32
+    (repo / "blobs").mkdir()
+    weights.rename(repo / "blobs" / sha)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(repo / "blobs" / sha)
+    (repo / "staging" / "config.json").rename(snap / "config.json")
+    assert (repo / "blobs" / sha).stat().st_size > 69 * 10**9
     t = time.perf_counter()
-    fp = kvstore.fingerprint(d)
+    fp = kvstore.fingerprint(snap)
     assert time.perf_counter() - t < 1.0
-    assert fp.startswith("llama-")
+    assert fp.startswith("llama-") and fp.name == "org/big"
+    assert file_digest(snap / "model.safetensors") == (b"sha256:" + bytes.fromhex(sha), "hf-blob")
+    # another blob name is another fingerprint
+    other = "cd" * 32
+    (repo / "blobs" / sha).rename(repo / "blobs" / other)
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(repo / "blobs" / other)
+    assert kvstore.fingerprint(snap) != fp
+
+
+def test_weights_are_read_once_per_content(tmp_path):
+    """The first start hashes every byte; a later one (another process, same
+    store) reads nothing; a rewritten file is hashed again."""
+    weights = sparse_model(tmp_path / "model", 64 * 10**6)
+    store = kvstore.SnapshotStore(tmp_path / "store")
+    first = file_digest(weights, store.file_digests)
+    assert first.source == "hashed"
+    assert file_digest(weights, store.file_digests) == (first.digest, "memo")
+    fp = kvstore.fingerprint(tmp_path / "model", digests=store.file_digests)
+    store.close()
+    code = ("import sys, kvstore; from kvstore.fingerprint import file_digest; "
+            "s = kvstore.SnapshotStore(sys.argv[1], readonly=True); d = file_digest(sys.argv[2], s.file_digests); "
+            "print(d.source, d.digest.hex(), kvstore.fingerprint(sys.argv[3], digests=s.file_digests))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), str(weights), str(tmp_path / "model")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["cache", first.digest.hex(), fp]
+    # the same size, the same mtime, one byte changed: ctime moves, so it is read again
+    st = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(st.st_size - 1)
+        f.write(b"\x01")
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = file_digest(weights, None)
+    assert again.source == "hashed" and again.digest != first.digest
+    assert kvstore.fingerprint(tmp_path / "model") != fp
 
 
 def test_fingerprint_rejects_what_is_not_a_model(tmp_path):
