@@ -563,15 +563,8 @@ def compact(store, args):
     src = store.path / "index" / "data.mdb"
     dest = store.path / "index.compact"
     out = {"index_file_bytes": src.stat().st_size, "path": str(dest), "compacted_bytes": None}
-    if args.dry_run:
-        return out
-    dest.mkdir(mode=0o700, exist_ok=True)
-    (dest / "data.mdb").unlink(missing_ok=True)
-    try:
-        store.index.env.copy(str(dest), compact=True)
-    except lmdb.Error as exc:
-        raise Fail(f"cannot write a compacted index to {dest}: {exc}") from exc
-    out["compacted_bytes"] = (dest / "data.mdb").stat().st_size
+    if not args.dry_run:
+        out["compacted_bytes"] = store.compact_index(dest.name)
     return out
 
 

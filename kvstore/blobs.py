@@ -27,6 +27,8 @@ FORMAT_VERSION = 1
 CHUNK_ROWS = 256
 MAX_HEADER = 16 << 20
 SUFFIX = ".safetensors"
+# bytes read at a time when a whole blob is verified
+VERIFY_PIECE = 4 << 20
 
 # safetensors dtype -> numpy container (bf16 travels as uint16 bits)
 DTYPES = {
@@ -189,25 +191,32 @@ class BlobReader:
     (or ``FormatVersionError``); a missing file is ``FileNotFoundError``.
     """
 
-    def __init__(self, blobs_fd, blob_id, size=None, header_sum=None):
+    def __init__(self, blobs_fd, blob_id, size=None, header_sum=None, *, name=None):
         if not is_blob_id(blob_id):
             raise CorruptSnapshot(f"bad blob id {blob_id!r}")
         self.id = blob_id
         self.bytes_read = 0
-        sub = open_dir(blob_id[:2], dir_fd=blobs_fd)
+        # the blob in its place (blobs/<xx>/<id>), or a named file in the folder blobs_fd
+        sub = open_dir(blob_id[:2], dir_fd=blobs_fd) if name is None else blobs_fd
         try:
-            self.fd = os.open(f"{blob_id}{SUFFIX}", os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=sub)
+            self.fd = os.open(name or f"{blob_id}{SUFFIX}", os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=sub)
         except OSError as exc:
             if exc.errno == getattr(os, "ELOOP", -1) or "symbolic" in str(exc).lower():
                 raise CorruptSnapshot(f"blob {blob_id} is a symlink") from exc
             raise
         finally:
-            os.close(sub)
+            if name is None:
+                os.close(sub)
         try:
             self._parse(size, header_sum)
         except BaseException:
             os.close(self.fd)
             raise
+
+    @classmethod
+    def in_dir(cls, dir_fd, name, blob_id, size=None, header_sum=None):
+        """A reader of blob ``blob_id`` stored under another ``name`` in the folder ``dir_fd`` (a temp file)."""
+        return cls(dir_fd, blob_id, size, header_sum, name=name)
 
     def _parse(self, size, header_sum):
         st = os.fstat(self.fd)
@@ -351,10 +360,39 @@ class BlobReader:
             if f"{h.intdigest():016x}" != hexsums[16 * c : 16 * c + 16]:
                 raise CorruptSnapshot(f"blob {self.id}: tensor {name!r} rows {lo}-{hi} checksum mismatch")
 
-    def verify(self):
-        """Read and verify every tensor; raise ``CorruptSnapshot`` on the first fault."""
-        for name in self.tensors:
-            self.read(name)
+    def verify(self, piece=VERIFY_PIECE):
+        """Read and verify every tensor, ``piece`` bytes at a time (memory stays
+        bounded whatever the tensor sizes); raise ``CorruptSnapshot`` on the first fault."""
+        buf = bytearray(piece)
+        for name, (_sd, dtype, shape, start, rows_axis, chunk, hexsums) in self.tensors.items():
+            itemsize = np.dtype(dtype).itemsize
+            if rows_axis is None or not shape:
+                nbytes = itemsize * int(np.prod(shape, dtype=np.int64))
+                chunks = [[(self.base + start, nbytes)]]
+            else:
+                lead = int(np.prod(shape[:rows_axis], dtype=np.int64))
+                total = shape[rows_axis]
+                row_bytes = itemsize * int(np.prod(shape[rows_axis + 1:], dtype=np.int64))
+                chunks = [
+                    [(self.base + start + (i * total + lo) * row_bytes, (min(lo + chunk, total) - lo) * row_bytes)
+                     for i in range(lead)]
+                    for lo in range(0, max(total, 1), chunk)
+                ]
+            for c, spans in enumerate(chunks):
+                h = xxhash.xxh3_64()
+                for offset, length in spans:
+                    self._hash_span(h, buf, offset, length)
+                if f"{h.intdigest():016x}" != hexsums[16 * c : 16 * c + 16]:
+                    raise CorruptSnapshot(f"blob {self.id}: tensor {name!r} chunk {c} checksum mismatch")
+
+    def _hash_span(self, h, buf, offset, length):
+        mv = memoryview(buf)
+        while length > 0:
+            n = min(length, len(buf))
+            self._readinto(mv[:n], offset)
+            h.update(mv[:n])
+            offset += n
+            length -= n
 
     def _entry(self, name):
         try:

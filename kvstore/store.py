@@ -20,7 +20,6 @@ import json
 import weakref
 import logging
 import os
-import shutil
 import stat
 import threading
 import time
@@ -200,24 +199,29 @@ class SnapshotStore:
 
     # ------------------------------------------------------------------ setup
     def _open_root(self, map_size, block_tokens):
+        """Create or check the store folder; return its settings.
+
+        Every file and folder of the store is created, read and removed
+        relative to the root's own descriptor, never through a symlink.
+        """
         if not self.readonly:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            st = os.stat(self.path)
+            root = self._fd(".")
+        except NotADirectoryError as exc:
+            raise StoreUnavailable(f"{self.path} is not a directory") from exc
         except OSError as exc:
-            raise StoreUnavailable(f"no kvstore store at {self.path}") from exc
-        if not stat.S_ISDIR(st.st_mode):
-            raise StoreUnavailable(f"{self.path} is not a directory")
+            raise StoreUnavailable(f"no kvstore store at {self.path}: {exc.strerror or exc}") from exc
         if not self.readonly:
             for sub in ("blobs", "tmp", "quarantine", "index"):
                 try:
-                    os.mkdir(self.path / sub, 0o700)
+                    os.mkdir(sub, 0o700, dir_fd=root)
                 except FileExistsError:
                     pass
         # LMDB follows links: a planted one must not move the index (or blobs) elsewhere
         for sub in ("blobs", "tmp", "quarantine", "index", "index/data.mdb", "index/lock.mdb"):
             try:
-                st = os.lstat(self.path / sub)
+                st = os.stat(sub, dir_fd=root, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -226,13 +230,15 @@ class SnapshotStore:
             if not want(st.st_mode) or (sub.endswith(".mdb") and st.st_nlink != 1):
                 raise StoreUnavailable(f"{self.path / sub} is a link or not a {'file' if sub.endswith('.mdb') else 'folder'}")
         if not self.readonly:
-            tag = self.path / "CACHEDIR.TAG"
-            if not tag.exists():
-                self._write_new(tag, CACHEDIR_TAG.encode())
-        spath = self.path / SETTINGS
-        if not spath.exists():
+            try:
+                os.stat("CACHEDIR.TAG", dir_fd=root, follow_symlinks=False)
+            except FileNotFoundError:
+                self._write_new("CACHEDIR.TAG", CACHEDIR_TAG.encode())
+        try:
+            os.stat(SETTINGS, dir_fd=root, follow_symlinks=False)
+        except FileNotFoundError:
             if self.readonly:
-                raise StoreUnavailable(f"{self.path} is not a kvstore store (no {SETTINGS})")
+                raise StoreUnavailable(f"{self.path} is not a kvstore store (no {SETTINGS})") from None
             settings = {
                 "format": FORMAT_VERSION,
                 "block_tokens": int(block_tokens or DEFAULT_BLOCK),
@@ -241,9 +247,10 @@ class SnapshotStore:
             }
             if settings["block_tokens"] < 1 or settings["map_size"] < (1 << 20):
                 raise InvalidInput("block_tokens must be >= 1 and map_size >= 1 MiB")
-            self._write_new(spath, json.dumps(settings, indent=1).encode())
+            self._write_new(SETTINGS, json.dumps(settings, indent=1).encode())
+        spath = self.path / SETTINGS
         try:
-            fd = os.open(spath, os.O_RDONLY | B._NOFOLLOW | B._CLOEXEC)
+            fd = os.open(SETTINGS, os.O_RDONLY | B._NOFOLLOW | B._CLOEXEC, dir_fd=root)
             with os.fdopen(fd, "rb") as f:
                 settings = json.loads(f.read(1 << 16))
             if settings.get("format") != FORMAT_VERSION:
@@ -255,35 +262,74 @@ class SnapshotStore:
             raise StoreUnavailable(f"cannot read {spath}: {exc}") from exc
         return settings
 
-    def _write_new(self, path, data):
-        """Create a file once, atomically, without replacing a concurrent winner."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{B.new_id()[:8]}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
+    def _write_new(self, name, data):
+        """Create the file ``name`` in the store root once, atomically, without
+        replacing a concurrent winner or following a link."""
+        root = self._fd(".")
+        tmp = f".{name}.{os.getpid()}.{B.new_id()[:8]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600, dir_fd=root)
         try:
-            os.link(tmp, path)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.link(tmp, name, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
         except FileExistsError:
             pass
         finally:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=root)
 
     def _fd(self, name):
-        """Directory fds (opened without following symlinks), per process."""
+        """Directory fds of the root (``"."``) and its folders, opened without
+        following symlinks, per process."""
         if self._fd_pid != os.getpid():
             self._fds, self._fd_pid = {}, os.getpid()
         fd = self._fds.get(name)
         if fd is None:
-            root = B.open_dir(str(self.path))
-            try:
-                fd = B.open_dir(name, dir_fd=root)
-            finally:
-                os.close(root)
+            if name == ".":
+                fd = B.open_dir(str(self.path))
+            else:
+                fd = B.open_dir(name, dir_fd=self._fd("."))
             self._fds[name] = fd
         return fd
+
+    def compact_index(self, dest="index.compact"):
+        """Write a compacted copy of the LMDB index to ``STORE/dest/data.mdb``; return its size.
+
+        The folder and file are made 0700 / 0600 relative to the store's own
+        descriptor; a link planted at either is refused, never followed. The
+        copy is never swapped in under live processes: that is the caller's
+        step, once no process uses the store.
+        """
+        if "/" in dest or dest in ("", ".", ".."):
+            raise InvalidInput(f"not a folder name in the store: {dest!r}")
+        root = self._fd(".")
+        try:
+            os.mkdir(dest, 0o700, dir_fd=root)
+        except FileExistsError:
+            pass
+        try:
+            dfd = B.open_dir(dest, dir_fd=root)
+        except OSError as exc:
+            raise StoreUnavailable(f"{self.path / dest} is a link or not a folder") from exc
+        try:
+            try:
+                os.unlink("data.mdb", dir_fd=dfd)
+            except FileNotFoundError:
+                pass
+            fd = os.open("data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600,
+                         dir_fd=dfd)
+            try:
+                self.index.env.copyfd(fd, compact=True)
+                os.fsync(fd)
+                return os.fstat(fd).st_size
+            except lmdb.Error as exc:
+                raise StoreUnavailable(f"cannot write a compacted index to {self.path / dest}: {exc}") from exc
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dfd)
 
     def close(self):
         """Flush pending access updates and release the index and folders."""
@@ -1350,12 +1396,14 @@ class SnapshotStore:
 
     # --------------------------------------------------------- export/import
     def export_archive(self, archive, keys=None, progress=None):
-        """Write snapshots (all, or ``keys``) with their blobs to a tar archive.
+        """Write snapshots (all, or ``keys``) with their blobs to a tar archive (mode 0600).
 
         Blobs are copied as they are (no re-encoding) after a full verify;
         a snapshot whose blobs fail is skipped and reported. Returns
         ``(snapshots written, bytes of blobs, [Problem])``.
         """
+        from .archive import write_archive
+
         wanted = None if keys is None else {self._key_bytes(k) for k in keys}
         with self.index.begin() as txn:
             snaps = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=self.index.db("snap"))
@@ -1364,7 +1412,7 @@ class SnapshotStore:
             models = {bytes(k): unpack_safe(v) for k, v in txn.cursor(db=self.index.db("model"))}
         manifest = {"format": FORMAT_VERSION, "block_tokens": self.block, "snapshots": [], "segments": {},
                     "models": {}}
-        problems, blob_list, total = [], {}, 0
+        problems, blob_list = [], {}
         for kb, raw in snaps:
             try:
                 rec = unpack(raw)
@@ -1391,118 +1439,52 @@ class SnapshotStore:
             fp = rec.get("fp", "").encode()
             if fp in models:
                 manifest["models"][fp.decode()] = models[fp]
-        import tarfile
 
-        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
-            data = pack(manifest)
-            info = tarfile.TarInfo("manifest.msgpack")
-            info.size, info.mtime, info.mode = len(data), int(_now()), 0o600
-            import io
-
-            tar.addfile(info, io.BytesIO(data))
+        def files():
             for blob_id, size in blob_list.items():
-                sub = B.open_dir(blob_id[:2], dir_fd=self._fd("blobs"))
-                try:
-                    fd = os.open(f"{blob_id}{B.SUFFIX}", os.O_RDONLY | B._NOFOLLOW | B._CLOEXEC, dir_fd=sub)
-                finally:
-                    os.close(sub)
-                with os.fdopen(fd, "rb") as f:
-                    info = tarfile.TarInfo(f"blobs/{blob_id}{B.SUFFIX}")
-                    info.size, info.mtime, info.mode = size, int(_now()), 0o600
-                    tar.addfile(info, f)
-                total += size
-                if progress:
-                    progress(1)
-        return len(manifest["snapshots"]), total, problems
+                yield blob_id, size, self._open_blob_file(blob_id)
+
+        write_archive(archive, pack(manifest), files(), progress)
+        return len(manifest["snapshots"]), sum(blob_list.values()), problems
+
+    def _open_blob_file(self, blob_id):
+        sub = B.open_dir(blob_id[:2], dir_fd=self._fd("blobs"))
+        try:
+            fd = os.open(f"{blob_id}{B.SUFFIX}", os.O_RDONLY | B._NOFOLLOW | B._CLOEXEC, dir_fd=sub)
+        finally:
+            os.close(sub)
+        return os.fdopen(fd, "rb")
+
+    def _has_blob(self, blob_id):
+        """True if a blob file of that id is in place (not checked)."""
+        try:
+            sub = B.open_dir(blob_id[:2], dir_fd=self._fd("blobs"))
+        except OSError:
+            return False
+        try:
+            os.stat(f"{blob_id}{B.SUFFIX}", dir_fd=sub, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(sub)
 
     def import_archive(self, archive, progress=None):
         """Add the snapshots of an ``export_archive`` tar to this store.
 
-        Every blob is verified (size, header, every checksum) before it is
-        indexed; snapshots already present are skipped; a model whose layout
-        differs from the one this store knows is refused. Returns
-        ``(snapshots added, bytes of blobs added, [Problem])``.
+        Every blob is verified (size, header, every checksum, read in
+        chunks) before it is indexed; snapshots already present are skipped;
+        a model whose layout differs from the one this store knows is
+        refused. The manifest is decoded one record at a time, each blob
+        member is copied only up to its declared size, duplicate and
+        undeclared members are refused, an archive whose blobs cannot fit
+        on the disk is refused before anything is written, and no temp file
+        is left behind. Returns ``(snapshots added, bytes of blobs added,
+        [Problem])``; a file that is not a kvstore archive raises ``InvalidInput``.
         """
-        import tarfile
+        from .archive import import_archive
 
-        if self.readonly:
-            raise StoreUnavailable("the store is open read-only")
-        problems, added, added_bytes = [], 0, 0
-        try:
-            tar = tarfile.open(archive, "r:*")
-        except (OSError, tarfile.TarError) as exc:
-            raise InvalidInput(f"cannot read archive {archive}: {exc}") from exc
-        with tar:
-            first = tar.next()
-            if first is None or first.name != "manifest.msgpack" or not first.isfile() or first.size > 1 << 30:
-                raise InvalidInput(f"{archive} is not a kvstore archive (no manifest first)")
-            try:
-                manifest = unpack(tar.extractfile(first).read(), "archive manifest")
-            except (CorruptSnapshot, tarfile.TarError, OSError) as exc:
-                raise InvalidInput(f"{archive} is not a kvstore archive: {exc}") from exc
-            if manifest.get("format") != FORMAT_VERSION:
-                raise InvalidInput(f"{archive} has archive format {manifest.get('format')}")
-            if manifest.get("block_tokens") != self.block:
-                raise InvalidInput(
-                    f"{archive} was written by a store with {manifest.get('block_tokens')}-token blocks, "
-                    f"this store uses {self.block}"
-                )
-            segments = manifest.get("segments") or {}
-            models = manifest.get("models") or {}
-            snapshots = manifest.get("snapshots") or []
-            if not isinstance(segments, dict) or not isinstance(models, dict) or not isinstance(snapshots, list):
-                raise InvalidInput(f"{archive} has a malformed manifest")
-            # copy blobs in: verified, then renamed into place under their own ids
-            arrived = {}
-            for member in tar:
-                name = member.name
-                if member is first:
-                    continue
-                blob_id = name[len("blobs/") : -len(B.SUFFIX)] if name.startswith("blobs/") and name.endswith(B.SUFFIX) else ""
-                if not member.isfile() or not B.is_blob_id(blob_id):
-                    problems.append(Problem("import", None, None, f"unexpected archive member {name!r}"))
-                    continue
-                try:
-                    arrived[blob_id] = self._import_blob(tar.extractfile(member), blob_id, member.size)
-                except (CorruptSnapshot, OSError) as exc:
-                    problems.append(Problem("import", None, blob_id, str(exc)))
-                if progress:
-                    progress(1)
-            try:
-                for item in snapshots:
-                    try:
-                        kb, raw = bytes(item["key"]), bytes(item["rec"])
-                        rec = unpack(raw)
-                        got = self._import_record(kb, rec, raw, segments, models, arrived)
-                    except (CorruptSnapshot, InvalidInput, KeyError, TypeError, ValueError, IndexError,
-                            AttributeError) as exc:
-                        key = item.get("key") if isinstance(item, dict) else None
-                        problems.append(Problem("import", bytes(key).hex() if isinstance(key, bytes) else None,
-                                                None, str(exc)))
-                        continue
-                    if got is not None:
-                        added += 1
-                        added_bytes += got
-            finally:
-                # blobs the store already had, or that no record claimed
-                for tmp_name, _size in arrived.values():
-                    try:
-                        os.unlink(tmp_name, dir_fd=self._fd("tmp"))
-                    except FileNotFoundError:
-                        pass
-        return added, added_bytes, problems
-
-    def _import_blob(self, src, blob_id, size):
-        """Stream one archived blob into tmp/, verify it and keep it as (path, size, header sum)."""
-        tmp_name = f"{blob_id}.import.{B.new_id()[:8]}"
-        tmp_fd = self._fd("tmp")
-        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600, dir_fd=tmp_fd)
-        with os.fdopen(fd, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
-        return tmp_name, size
+        return import_archive(self, archive, progress)
 
     def _import_record(self, kb, rec, raw, segments, models, arrived):
         if len(kb) != 16 or rec.get("v") != FORMAT_VERSION:
@@ -1534,7 +1516,7 @@ class SnapshotStore:
                 pass
             if blob_id not in arrived:
                 raise CorruptSnapshot(f"archive lacks blob {blob_id}")
-            tmp_name, _ = arrived[blob_id]
+            tmp_name = arrived[blob_id]
             sub = B.open_dir(blob_id[:2], dir_fd=blobs_fd, create=True)
             try:
                 os.rename(tmp_name, f"{blob_id}{B.SUFFIX}", src_dir_fd=tmp_fd, dst_dir_fd=sub)
