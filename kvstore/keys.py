@@ -46,17 +46,39 @@ def as_tokens(tokens, vocab_size=None):
     return arr.astype("<i4", copy=False)
 
 
+def tenant_salt(tenant):
+    """The 32-byte key a tenant's namespace is derived with (``None``: no tenant).
+
+    A tenant is a non-empty string or bytes; every tenant value, short or
+    long, is hashed, so no tenant's salt equals another's and none equals
+    the un-tenanted namespace. Raises ``InvalidInput`` for an empty or
+    non-string tenant.
+    """
+    if tenant is None:
+        return None
+    if isinstance(tenant, str):
+        raw = tenant.encode()
+    elif isinstance(tenant, (bytes, bytearray, memoryview)):
+        raw = bytes(tenant)
+    else:
+        raise InvalidInput(f"tenant must be a string or bytes, got {type(tenant).__name__}")
+    if not raw:
+        raise InvalidInput("tenant must not be empty (pass None for no tenant)")
+    return hashlib.blake2b(raw, digest_size=32, person=b"kvstore.tenant").digest()
+
+
 def namespace(fingerprint, tenant=None):
-    """The root link for one model fingerprint and optional tenant salt."""
+    """The root link for one model fingerprint and optional tenant.
+
+    "No tenant" and every tenant are separate domains (different blake2b
+    personalisation), so no tenant value reaches the un-tenanted namespace.
+    """
     if not isinstance(fingerprint, str) or not fingerprint or len(fingerprint) > 256:
         raise InvalidInput("fingerprint must be a non-empty string of at most 256 chars")
-    salt = b"" if tenant is None else (tenant.encode() if isinstance(tenant, str) else bytes(tenant))
-    if len(salt) > 64:
-        # blake2b keys are at most 64 bytes: fold long salts
-        salt = hashlib.blake2b(salt, digest_size=32).digest()
-    return hashlib.blake2b(
-        fingerprint.encode(), digest_size=DIGEST, key=salt, person=b"kvstore.root"
-    ).digest()
+    salt = tenant_salt(tenant)
+    if salt is None:
+        return hashlib.blake2b(fingerprint.encode(), digest_size=DIGEST, person=b"kvstore.root").digest()
+    return hashlib.blake2b(fingerprint.encode(), digest_size=DIGEST, key=salt, person=b"kvstore.tnt").digest()
 
 
 class TokenChain:

@@ -34,6 +34,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
+from .keys import tenant_salt
 
 log = logging.getLogger("kvstore")
 
@@ -376,9 +377,10 @@ class TieredPromptCache:
         return self._fps[model]
 
     def _key(self, model, tenant=None):
+        salt = tenant_salt(tenant)  # InvalidInput for an empty or non-string tenant
         fp = self.fingerprint_of(model)
         key = model if fp is None else fp
-        return (key if tenant is None else ("kvstore.tenant", tenant, key)), fp
+        return (key if salt is None else ("kvstore.tenant", salt, key)), fp
 
     # ------------------------------------------------------- LRUPromptCache API
     def __len__(self):

@@ -257,3 +257,35 @@ def test_import_refuses_a_manifest_with_an_oversized_record(tmp_path, exported):
         with pytest.raises(InvalidInput, match="malformed manifest"):
             dst.import_archive(str(path))
         assert _left_in_tmp(dst) == [] and dst.entries() == []
+
+
+# ------------------------------------------------------------ tenants
+def test_tenants_never_alias(store):
+    toks = seed_tokens(8, 80)
+    for empty in ("", b""):
+        with pytest.raises(InvalidInput, match="tenant must not be empty"):
+            store.put(FP, toks, prefix_cache(toks, 2), tenant=empty)
+        with pytest.raises(InvalidInput, match="tenant must not be empty"):
+            store.fetch_nearest(FP, toks, tenant=empty)
+    with pytest.raises(InvalidInput, match="string or bytes"):
+        store.lookup(FP, toks, tenant=7)
+    store.put(FP, toks, prefix_cache(toks, 2))  # no tenant
+    long = "t" * 100
+    import hashlib
+
+    store.put(FP, toks, prefix_cache(toks, 2), tenant=long)
+    # the digest a long salt was once folded to is a tenant of its own
+    folded = hashlib.blake2b(long.encode(), digest_size=32).digest()
+    for tenant in (folded, "t" * 64, "x"):
+        assert store.lookup(FP, toks + [1], tenant=tenant) is None
+    assert store.lookup(FP, toks + [1], tenant=long).tokens == len(toks)
+    assert store.lookup(FP, toks + [1], tenant=long.encode()).tokens == len(toks)  # str and its bytes agree
+    assert store.lookup(FP, toks + [1]).tokens == len(toks)
+
+
+def test_tiered_cache_refuses_an_empty_tenant(tmp_path):
+    with kvstore.TieredPromptCache(tmp_path / "store") as cache:
+        with pytest.raises(InvalidInput):
+            cache.fetch_nearest_cache(FP, [1, 2, 3], tenant="")
+        with pytest.raises(InvalidInput):
+            cache.insert_cache(FP, [1, 2, 3], prefix_cache([1, 2, 3], 1), tenant=b"")
