@@ -100,13 +100,13 @@ class Stages:
     def install(self):
         import kvstore.blobs as B
         import kvstore.codec as codec
+        import kvstore.memory as M
         import kvstore.store as S
-        import kvstore.tiered as T
 
         self._wrap(S, "as_tokens", "keys")
         self._wrap(S, "TokenChain", "keys")
         self._wrap(S.SnapshotStore, "_plans", "plan")
-        self._wrap(T.TieredPromptCache, "_plan", "mem_plan")
+        self._wrap(M.MemoryTier, "plan", "mem_plan")
         self._wrap(B.BlobReader, "_parse", "open")
         self._wrap(B.BlobReader, "_readinto", "read")
         self._wrap(B.BlobReader, "read_rows", "read_rows")

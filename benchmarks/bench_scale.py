@@ -228,18 +228,18 @@ def main(argv=None):
         store = SnapshotStore(store_path)
         entries = store.entries()
         referenced = sum(e.tokens for e in entries)
-        with store.index.begin() as txn:
-            from kvstore.index import unpack
+        from kvstore.records import decode_segment, decode_snapshot
 
-            seg_rows = sum(unpack(v)["rows"] for _k, v in txn.cursor(db=store.index.db("seg")))
-            segments = txn.stat(store.index.db("seg"))["entries"]
+        with store.index.read() as r:
+            seg_rows = sum(decode_segment(v).rows for _k, v in r.segments())
+            segments = r.count("segments")
             # how many segment pieces a restore of each snapshot reads, and how many are
             # shorter than one 64-token block (other than a snapshot's own last piece)
             pieces, short = [], 0
-            for _k, v in txn.cursor(db=store.index.db("snap")):
-                ext = unpack(v).get("ext") or []
+            for _k, v in r.snapshots():
+                ext = decode_snapshot(v).extents
                 pieces.append(len(ext))
-                short += sum(1 for _s, rows in ext[:-1] if rows < store.block)
+                short += sum(1 for e in ext[:-1] if e.rows < store.block)
         distinct = cfg["systems"] * cfg["system_tokens"] + (len(long_tokens[: long_points[-1]]) - cfg["system_tokens"])
         for j in range(conv):
             _p, cps = conversation(cfg, j)

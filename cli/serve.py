@@ -28,7 +28,7 @@ def _parse_size(text):
 
 
 def _tiers(text):
-    from kvstore.store import TIERS
+    from kvstore import TIERS
 
     tiers = tuple(t for t in (x.strip() for x in text.split(",")) if t and t != "none")
     bad = [t for t in tiers if t not in TIERS]

@@ -18,7 +18,10 @@ from .errors import (
     UnsupportedCache,
 )
 from .fingerprint import Fingerprint, fingerprint
-from .store import Match, Problem, SnapshotInfo, SnapshotStore
+from .maintenance.policy import PrunePolicy
+from .records import TIER_RANK, TIERS
+from .reports import Match, Problem, SnapshotInfo
+from .store import SnapshotStore
 
 __version__ = "0.1.0"
 
@@ -45,9 +48,12 @@ __all__ = [
     "Match",
     "Problem",
     "PromptSession",
+    "PrunePolicy",
     "SnapshotInfo",
     "SnapshotStore",
     "StoreUnavailable",
+    "TIERS",
+    "TIER_RANK",
     "TieredPromptCache",
     "UnsupportedCache",
     "fingerprint",

@@ -1,21 +1,19 @@
-"""Blob files: immutable safetensors, written safely, read defensively.
+"""The blob format: immutable safetensors with kvstore's header, read defensively.
 
-A blob is written under a fresh random name in ``tmp/``, fsynced, then
-renamed into ``blobs/<xx>/<id>.safetensors``; only after that does the index
-point at it. Every file is created 0600 in 0700 folders and is never opened
-through a symlink or a hard link. The header carries kvstore's format
-version and xxh3 checksums of fixed row chunks of every tensor, so a reader
-can verify a prefix of a tensor without reading the rest.
+A blob is a plain safetensors file whose ``__metadata__`` carries kvstore's
+format version, the blob's own id and xxh3 checksums of fixed row chunks of
+every tensor, so a reader can verify a prefix of a tensor without reading
+the rest. ``encode`` lays a blob out; ``BlobReader`` parses and verifies one
+from any byte source (a file, bytes fetched from a remote), checking every
+offset, size and checksum before it hands a byte out.
 
-This module parses nothing but safetensors headers (bounded JSON) and never
-imports MLX: tensors come in and go out as numpy arrays and buffers.
+This module parses nothing but safetensors headers (bounded JSON), does no
+I/O of its own and never imports MLX: tensors come in and go out as numpy
+arrays and buffers. Where blobs live is the backends' business.
 """
 
-import errno
 import json
-import os
 import secrets
-import stat
 import struct
 
 import numpy as np
@@ -47,10 +45,6 @@ DTYPES = {
     "BOOL": np.bool_,
 }
 
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
 
 def new_id():
     """A fresh random blob id (32 hex characters)."""
@@ -58,26 +52,8 @@ def new_id():
 
 
 def is_blob_id(name):
-    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
-
-
-def blob_relpath(blob_id):
-    return f"{blob_id[:2]}/{blob_id}{SUFFIX}"
-
-
-def open_dir(path, dir_fd=None, create=False):
-    """Open a directory without following a symlink; create it 0700 if asked."""
-    if create:
-        try:
-            os.mkdir(path, 0o700, dir_fd=dir_fd)
-        except FileExistsError:
-            pass
-    fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
-    st = os.fstat(fd)
-    if not stat.S_ISDIR(st.st_mode):
-        os.close(fd)
-        raise NotADirectoryError(path)
-    return fd
+    """True for a 32-hex-digit blob id."""
+    return isinstance(name, str) and len(name) == 32 and all(c in "0123456789abcdef" for c in name)
 
 
 def _row_view(arr, rows_axis):
@@ -99,20 +75,35 @@ def _chunk_sums(view, rows, chunk):
     return sums
 
 
-def write_blob(blobs_fd, tmp_fd, tensors, meta, fsync=True):
-    """Write tensors as one safetensors blob and return ``(blob_id, size, header_sum)``.
+class Encoded:
+    """A blob laid out for writing: ``head`` (length prefix and JSON header)
+    then the ``arrays`` in order make ``size`` bytes."""
+
+    __slots__ = ("blob_id", "head", "arrays", "size", "header_sum")
+
+    def __init__(self, blob_id, head, arrays, size, header_sum):
+        self.blob_id, self.head, self.arrays, self.size, self.header_sum = blob_id, head, arrays, size, header_sum
+
+    def buffers(self):
+        """The blob's bytes as a list of buffers (no copy of the tensors)."""
+        return [self.head] + [memoryview(a).cast("B") for a in self.arrays]
+
+
+def encode(tensors, meta, blob_id=None):
+    """Lay out ``tensors`` as one blob.
 
     Args:
-        blobs_fd, tmp_fd: directory fds of ``blobs/`` and ``tmp/``.
         tensors: ``{name: (dtype, array, rows_axis)}`` with a safetensors dtype
-            name, a C-contiguous numpy array and the axis checksummed in row
-            chunks (``None`` for one checksum over the whole tensor).
+            name, a numpy array and the axis checksummed in row chunks
+            (``None`` for one checksum over the whole tensor).
         meta: extra string metadata for the header.
+        blob_id: the id to give it (default: a fresh random one).
     """
-    blob_id = new_id()
-    header, sums, offset = {}, {}, 0
+    blob_id = blob_id or new_id()
+    header, sums, offset, arrays = {}, {}, 0, []
     for name, (dtype, arr, rows_axis) in tensors.items():
         arr = np.ascontiguousarray(arr)
+        arrays.append(arr)
         header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         view = _row_view(arr, rows_axis)
@@ -127,113 +118,61 @@ def write_blob(blobs_fd, tmp_fd, tensors, meta, fsync=True):
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp_name = f"{blob_id}.tmp"
-    size = 8 + len(raw) + offset
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600, dir_fd=tmp_fd)
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            _write_all(fd, struct.pack("<Q", len(raw)))
-            _write_all(fd, raw)
-            for _, arr, _ in tensors.values():
-                _write_all(fd, memoryview(np.ascontiguousarray(arr)).cast("B"))
-            if os.fstat(fd).st_size != size:
-                raise OSError(errno.EIO, f"blob {blob_id} is {os.fstat(fd).st_size} bytes after writing {size}")
-            if fsync:
-                os.fsync(f.fileno())
-        sub = open_dir(blob_id[:2], dir_fd=blobs_fd, create=True)
-        try:
-            os.rename(tmp_name, f"{blob_id}{SUFFIX}", src_dir_fd=tmp_fd, dst_dir_fd=sub)
-            if fsync:
-                os.fsync(sub)
-        finally:
-            os.close(sub)
-    except BaseException:
-        try:
-            os.unlink(tmp_name, dir_fd=tmp_fd)
-        except OSError:
-            pass
-        raise
-    return blob_id, size, xxhash.xxh3_64_intdigest(raw)
+    head = struct.pack("<Q", len(raw)) + raw
+    return Encoded(blob_id, head, arrays, len(head) + offset, xxhash.xxh3_64_intdigest(raw))
 
 
-def _write_all(fd, data):
-    """Write all of ``data`` or raise: a short write (a file-size limit, a disk
-    filling up) must never leave a blob that looks complete to its writer."""
-    mv = memoryview(data).cast("B")
-    while len(mv):
-        n = os.write(fd, mv)
-        if n <= 0:
-            raise OSError(errno.ENOSPC, "no progress writing a blob")
-        mv = mv[n:]
+class BytesSource:
+    """A blob's bytes held in memory, as a ``BlobReader`` source."""
 
+    def __init__(self, data):
+        self.data = memoryview(data).cast("B")
+        self.size = len(self.data)
 
-def unlink_blob(blobs_fd, blob_id):
-    """Remove a blob file; a file already gone is not an error."""
-    try:
-        sub = open_dir(blob_id[:2], dir_fd=blobs_fd)
-    except OSError:
-        return
-    try:
-        os.unlink(f"{blob_id}{SUFFIX}", dir_fd=sub)
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(sub)
+    def readinto(self, mv, offset):
+        n = max(0, min(len(mv), self.size - offset))
+        mv[:n] = self.data[offset : offset + n]
+        return n
+
+    def close(self):
+        self.data = memoryview(b"")
 
 
 class BlobReader:
-    """A verified, read-only view of one blob file.
+    """A verified, read-only view of one blob.
 
-    Opening checks that the file is a regular file with one link, reached
-    without symlinks, of the expected size, with a well-formed header of a
-    known format version whose checksum matches the index. Tensor reads
-    verify the row chunks they touch. Every failure is ``CorruptSnapshot``
-    (or ``FormatVersionError``); a missing file is ``FileNotFoundError``.
+    ``source`` gives the bytes (``size``, ``readinto(buffer, offset) -> n``,
+    ``close()``). Opening checks the size against the index, the header's
+    bounds, format version, own id and checksum; tensor reads verify the row
+    chunks they touch. Every failure is ``CorruptSnapshot`` (or
+    ``FormatVersionError``). The reader owns and closes the source.
     """
 
-    def __init__(self, blobs_fd, blob_id, size=None, header_sum=None, *, name=None):
-        if not is_blob_id(blob_id):
-            raise CorruptSnapshot(f"bad blob id {blob_id!r}")
+    def __init__(self, source, blob_id, size=None, header_sum=None):
+        self.source = source
         self.id = blob_id
         self.bytes_read = 0
-        # the blob in its place (blobs/<xx>/<id>), or a named file in the folder blobs_fd
-        sub = open_dir(blob_id[:2], dir_fd=blobs_fd) if name is None else blobs_fd
         try:
-            self.fd = os.open(name or f"{blob_id}{SUFFIX}", os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=sub)
-        except OSError as exc:
-            if exc.errno == getattr(os, "ELOOP", -1) or "symbolic" in str(exc).lower():
-                raise CorruptSnapshot(f"blob {blob_id} is a symlink") from exc
-            raise
-        finally:
-            if name is None:
-                os.close(sub)
-        try:
+            if not is_blob_id(blob_id):
+                raise CorruptSnapshot(f"bad blob id {blob_id!r}")
             self._parse(size, header_sum)
         except BaseException:
-            os.close(self.fd)
+            source.close()
             raise
 
-    @classmethod
-    def in_dir(cls, dir_fd, name, blob_id, size=None, header_sum=None):
-        """A reader of blob ``blob_id`` stored under another ``name`` in the folder ``dir_fd`` (a temp file)."""
-        return cls(dir_fd, blob_id, size, header_sum, name=name)
-
     def _parse(self, size, header_sum):
-        st = os.fstat(self.fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptSnapshot(f"blob {self.id} is not a regular file")
-        if st.st_nlink != 1:
-            raise CorruptSnapshot(f"blob {self.id} has {st.st_nlink} hard links")
-        self.size = st.st_size
-        if size is not None and st.st_size != size:
-            raise CorruptSnapshot(f"blob {self.id} is {st.st_size} bytes, index says {size}")
-        head = os.pread(self.fd, 8, 0)
-        if len(head) < 8:
+        self.size = self.source.size
+        if size is not None and self.size != size:
+            raise CorruptSnapshot(f"blob {self.id} is {self.size} bytes, index says {size}")
+        head = bytearray(8)
+        if self.source.readinto(memoryview(head), 0) < 8:
             raise CorruptSnapshot(f"blob {self.id} is truncated")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or n > self.size - 8:
             raise CorruptSnapshot(f"blob {self.id} claims a {n}-byte header")
-        raw = os.pread(self.fd, n, 8)
+        raw = bytearray(n)
+        if self.source.readinto(memoryview(raw), 8) < n:
+            raise CorruptSnapshot(f"blob {self.id} is truncated")
         if header_sum is not None and xxhash.xxh3_64_intdigest(raw) != header_sum:
             raise CorruptSnapshot(f"blob {self.id} header checksum mismatch")
         try:
@@ -252,8 +191,11 @@ class BlobReader:
             raise CorruptSnapshot(f"blob {self.id} has no checksums") from exc
         self.meta = meta
         self.base = 8 + n
-        data_len = self.size - self.base
         self.tensors = {}
+        self._index(header, sums)
+
+    def _index(self, header, sums):
+        data_len = self.size - self.base
         spans = []
         for name, info in header.items():
             try:
@@ -289,9 +231,7 @@ class BlobReader:
             raise CorruptSnapshot(f"blob {self.id}: data section is {data_len} bytes, tensors need {pos}")
 
     def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.source.close()
 
     def __enter__(self):
         return self
@@ -301,11 +241,7 @@ class BlobReader:
 
     def _readinto(self, buf, offset):
         mv = memoryview(buf).cast("B")
-        got = os.preadv(self.fd, [mv], offset) if hasattr(os, "preadv") else None
-        if got is None:
-            data = os.pread(self.fd, len(mv), offset)
-            got = len(data)
-            mv[:got] = data
+        got = self.source.readinto(mv, offset)
         self.bytes_read += got
         if got != len(mv):
             raise CorruptSnapshot(f"blob {self.id} is truncated")
@@ -323,7 +259,9 @@ class BlobReader:
         if out.nbytes:
             self._readinto(out, self.base + start)
         view = _row_view(out, rows_axis)
-        self._check(name, view, 0, view.shape[1], chunk, hexsums)
+        for c, s in enumerate(_chunk_sums(view, view.shape[1], chunk)):
+            if f"{s:016x}" != hexsums[16 * c : 16 * c + 16]:
+                raise CorruptSnapshot(f"blob {self.id}: tensor {name!r} chunk {c} checksum mismatch")
         return out
 
     def read_rows(self, name, rows, out):
@@ -365,25 +303,24 @@ class BlobReader:
         bounded whatever the tensor sizes); raise ``CorruptSnapshot`` on the first fault."""
         buf = bytearray(piece)
         for name, (_sd, dtype, shape, start, rows_axis, chunk, hexsums) in self.tensors.items():
-            itemsize = np.dtype(dtype).itemsize
-            if rows_axis is None or not shape:
-                nbytes = itemsize * int(np.prod(shape, dtype=np.int64))
-                chunks = [[(self.base + start, nbytes)]]
-            else:
-                lead = int(np.prod(shape[:rows_axis], dtype=np.int64))
-                total = shape[rows_axis]
-                row_bytes = itemsize * int(np.prod(shape[rows_axis + 1:], dtype=np.int64))
-                chunks = [
-                    [(self.base + start + (i * total + lo) * row_bytes, (min(lo + chunk, total) - lo) * row_bytes)
-                     for i in range(lead)]
-                    for lo in range(0, max(total, 1), chunk)
-                ]
-            for c, spans in enumerate(chunks):
+            for c, spans in enumerate(self._chunk_spans(dtype, shape, start, rows_axis, chunk)):
                 h = xxhash.xxh3_64()
                 for offset, length in spans:
                     self._hash_span(h, buf, offset, length)
                 if f"{h.intdigest():016x}" != hexsums[16 * c : 16 * c + 16]:
                     raise CorruptSnapshot(f"blob {self.id}: tensor {name!r} chunk {c} checksum mismatch")
+
+    def _chunk_spans(self, dtype, shape, start, rows_axis, chunk):
+        """Per checksum chunk, the (offset, length) byte spans it covers, in hashing order."""
+        itemsize = np.dtype(dtype).itemsize
+        if rows_axis is None or not shape:
+            return [[(self.base + start, itemsize * int(np.prod(shape, dtype=np.int64)))]]
+        lead = int(np.prod(shape[:rows_axis], dtype=np.int64))
+        total = shape[rows_axis]
+        row_bytes = itemsize * int(np.prod(shape[rows_axis + 1:], dtype=np.int64))
+        return [[(self.base + start + (i * total + lo) * row_bytes, (min(lo + chunk, total) - lo) * row_bytes)
+                 for i in range(lead)]
+                for lo in range(0, max(total, 1), chunk)]
 
     def _hash_span(self, h, buf, offset, length):
         mv = memoryview(buf)
@@ -399,8 +336,3 @@ class BlobReader:
             return self.tensors[name]
         except KeyError:
             raise CorruptSnapshot(f"blob {self.id} has no tensor {name!r}") from None
-
-    def _check(self, name, view, lo, hi, chunk, hexsums):
-        for c, s in enumerate(_chunk_sums(view, hi - lo, chunk)):
-            if f"{s:016x}" != hexsums[16 * c : 16 * c + 16]:
-                raise CorruptSnapshot(f"blob {self.id}: tensor {name!r} chunk {c} checksum mismatch")

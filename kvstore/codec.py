@@ -106,55 +106,77 @@ def _encode_leaf(c, path, n, enc):
         raise UnsupportedCache(f"cache class {type(c).__module__}.{type(c).__qualname__} is not supported")
     if name == "CacheList":
         return {"c": name, "ch": [_encode_leaf(s, f"{path}.{i}", n, enc) for i, s in enumerate(c.caches)]}
-    if name in ("KVCache", "ConcatenateKVCache", "QuantizedKVCache"):
-        if c.keys is None:
-            return {"c": name, "e": 1, **({"g": c.group_size, "b": c.bits} if name == "QuantizedKVCache" else {})}
-        if c.offset != n:
-            raise InvalidInput(f"layer {path} holds {c.offset} tokens, expected {n}")
-        node = {"c": name, "n": n}
-        if name == "QuantizedKVCache":
-            node.update(g=c.group_size, b=c.bits)
-            parts = [(f"{path}.k{i}", a) for i, a in enumerate(c.keys)]
-            parts += [(f"{path}.v{i}", a) for i, a in enumerate(c.values)]
-        else:
-            parts = [(f"{path}.k", c.keys), (f"{path}.v", c.values)]
-        for tname, a in parts:
-            _check_batch(a, f"layer {path}")
-            if a.shape[2] < n:
-                raise InvalidInput(f"layer {path} buffer has {a.shape[2]} rows, expected at least {n}")
-            enc.positional[tname] = (st_dtype(a), to_numpy(a)[:, :, :n, :])
-        return node
+    if name in POSITIONAL:
+        return _encode_positional(c, name, path, n, enc)
     if name == "RotatingKVCache":
-        node = {"c": name, "o": c.offset, "keep": c.keep, "max": c.max_size, "idx": c._idx}
-        if c.keys is None:
-            node["e"] = 1
-            return node
-        if c.offset != n:
-            raise InvalidInput(f"layer {path} holds {c.offset} tokens, expected {n}")
-        wrapped = c.offset >= c.max_size
-        used = c.keys.shape[2] if wrapped else c.offset
-        if not wrapped and c._idx != c.offset:
-            used = c.keys.shape[2]
-            node["raw"] = 1
-        enc.trimmable &= not wrapped
-        for tname, a in ((f"{path}.k", c.keys), (f"{path}.v", c.values)):
-            _check_batch(a, f"layer {path}")
-            enc.state[tname] = (st_dtype(a), to_numpy(a)[:, :, :used, :])
-        return node
+        return _encode_rotating(c, path, n, enc)
     if name == "ChunkedKVCache":
-        node = {"c": name, "o": c.offset, "cs": c.chunk_size, "sp": c.start_position}
-        if c.keys is None:
-            node["e"] = 1
-            return node
-        if c.offset != n:
-            raise InvalidInput(f"layer {path} holds {c.offset} tokens, expected {n}")
-        enc.trimmable &= c.start_position == 0
-        used = c.offset - c.start_position
-        for tname, a in ((f"{path}.k", c.keys), (f"{path}.v", c.values)):
-            _check_batch(a, f"layer {path}")
-            enc.state[tname] = (st_dtype(a), to_numpy(a)[:, :, :used, :])
+        return _encode_chunked(c, path, n, enc)
+    return _encode_arrays(c, path, enc)
+
+
+def _holds(c, path, n):
+    if c.offset != n:
+        raise InvalidInput(f"layer {path} holds {c.offset} tokens, expected {n}")
+
+
+def _encode_positional(c, name, path, n, enc):
+    """KVCache, ConcatenateKVCache, QuantizedKVCache: one row per token, shareable between snapshots."""
+    if c.keys is None:
+        return {"c": name, "e": 1, **({"g": c.group_size, "b": c.bits} if name == "QuantizedKVCache" else {})}
+    _holds(c, path, n)
+    node = {"c": name, "n": n}
+    if name == "QuantizedKVCache":
+        node.update(g=c.group_size, b=c.bits)
+        parts = [(f"{path}.k{i}", a) for i, a in enumerate(c.keys)]
+        parts += [(f"{path}.v{i}", a) for i, a in enumerate(c.values)]
+    else:
+        parts = [(f"{path}.k", c.keys), (f"{path}.v", c.values)]
+    for tname, a in parts:
+        _check_batch(a, f"layer {path}")
+        if a.shape[2] < n:
+            raise InvalidInput(f"layer {path} buffer has {a.shape[2]} rows, expected at least {n}")
+        enc.positional[tname] = (st_dtype(a), to_numpy(a)[:, :, :n, :])
+    return node
+
+
+def _window_state(c, path, used, enc):
+    for tname, a in ((f"{path}.k", c.keys), (f"{path}.v", c.values)):
+        _check_batch(a, f"layer {path}")
+        enc.state[tname] = (st_dtype(a), to_numpy(a)[:, :, :used, :])
+
+
+def _encode_rotating(c, path, n, enc):
+    """A sliding window: trimmable only until it wraps."""
+    node = {"c": "RotatingKVCache", "o": c.offset, "keep": c.keep, "max": c.max_size, "idx": c._idx}
+    if c.keys is None:
+        node["e"] = 1
         return node
-    # ArraysCache: recurrent state, checkpoint only
+    _holds(c, path, n)
+    wrapped = c.offset >= c.max_size
+    used = c.keys.shape[2] if wrapped else c.offset
+    if not wrapped and c._idx != c.offset:
+        used = c.keys.shape[2]
+        node["raw"] = 1
+    enc.trimmable &= not wrapped
+    _window_state(c, path, used, enc)
+    return node
+
+
+def _encode_chunked(c, path, n, enc):
+    """Chunked attention: trimmable only until the first chunk slides out."""
+    node = {"c": "ChunkedKVCache", "o": c.offset, "cs": c.chunk_size, "sp": c.start_position}
+    if c.keys is None:
+        node["e"] = 1
+        return node
+    _holds(c, path, n)
+    enc.trimmable &= c.start_position == 0
+    _window_state(c, path, c.offset - c.start_position, enc)
+    return node
+
+
+def _encode_arrays(c, path, enc):
+    """ArraysCache: recurrent state, a checkpoint only (never trimmable)."""
     enc.trimmable = False
     present = []
     for i, a in enumerate(c.cache):
@@ -169,7 +191,7 @@ def _encode_leaf(c, path, n, enc):
         enc.state[f"{path}.s{i}"] = (st_dtype(a), to_numpy(a))
     if c.left_padding is not None or c.lengths is not None:
         raise UnsupportedCache(f"layer {path}: a batched (padded) recurrent cache cannot be stored")
-    return {"c": name, "s": present}
+    return {"c": "ArraysCache", "s": present}
 
 
 def encode(cache, n_tokens):

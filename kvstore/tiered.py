@@ -1,19 +1,18 @@
-"""TieredPromptCache: a memory LRU in front of a SnapshotStore.
+"""TieredPromptCache: a memory tier in front of a SnapshotStore.
 
-This module owns the memory tier (mlx-lm's ``LRUPromptCache``, composed, so
-tier order, count and byte limits and the dropping of redundant trimmable
-prefixes behave exactly as in mlx-lm), the choice between a memory and a disk
-hit, the promotion of disk hits into memory, the write-behind queue and its
-writer thread, the resolution of mlx_lm.server model keys to fingerprints,
-and the hit / miss / write counters.
+This module owns the choice between a memory and a disk hit, the promotion
+of disk hits into memory, the resolution of mlx_lm.server model keys to
+fingerprints and the hit / miss / write counters. The memory tier is
+``kvstore.memory`` (mlx-lm's ``LRUPromptCache``), the write-behind queue
+``kvstore.writer``.
 
 It must never: let a store fault reach the caller (faults are logged,
 counted and become misses or dropped writes), hand out a cache that another
 caller or the memory tier shares mutable state with, return an empty
 remainder, or do disk I/O or serialisation on the caller's thread when
-inserting. The writer thread runs no MLX graph work: arrays are evaluated
-(and bf16 views made contiguous) on the caller's thread before they are
-queued, so encoding them is a plain read of finished buffers.
+inserting. Arrays are evaluated (and bf16 views made contiguous) on the
+caller's thread before they are queued, so the writer thread runs no MLX
+graph work.
 
 Prompt normalisation (volatile header lines in system prompts) is not done
 here: the cache sees tokens, and a line can only be removed exactly from the
@@ -26,21 +25,19 @@ import logging
 import threading
 import time
 import weakref
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
+from .memory import MemoryTier
+from .records import TIERS
+from .writer import POLICIES, Write, WriteBehind, shutdown
 
 log = logging.getLogger("kvstore")
-
-TIERS = ("system", "user", "assistant")
-POLICIES = ("drop", "wait")
-
 
 @dataclass
 class Fetched:
@@ -58,16 +55,6 @@ class Fetched:
     source: str | None = None
     tier: str | None = None
     kind: str | None = None
-
-
-@dataclass
-class _Write:
-    fp: str
-    tokens: list
-    cache: list
-    tier: str
-    nbytes: int = field(default=0)
-    tenant: object = None
 
 
 def _as_list(tokens):
@@ -113,97 +100,6 @@ def _local_dir(path):
     return hf_repo_to_path(str(path))
 
 
-class _WriteBehind:
-    """A bounded queue of snapshots and the one thread that writes them."""
-
-    def __init__(self, store, size, policy, timeout, count):
-        self.store = store
-        self.size = size
-        self.policy = policy
-        self.timeout = timeout
-        self.count = count
-        self.queue = deque()
-        self.busy = 0
-        self.closed = False
-        self.cv = threading.Condition()
-        self.thread = None
-
-    def submit(self, item):
-        with self.cv:
-            if self.closed:
-                self.count("writes.dropped")
-                return False
-            if len(self.queue) >= self.size:
-                if self.policy == "wait":
-                    t = time.monotonic()
-                    self.cv.wait_for(lambda: len(self.queue) < self.size or self.closed, self.timeout)
-                    self.count("queue.waits")
-                    self.count("queue.wait_ms", int((time.monotonic() - t) * 1000))
-                if len(self.queue) >= self.size or self.closed:
-                    self.count("writes.dropped")
-                    return False
-            self.queue.append(item)
-            self.count("writes.queued")
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="kvstore-writer", daemon=True)
-                self.thread.start()
-            self.cv.notify_all()
-            return True
-
-    def _run(self):
-        while True:
-            with self.cv:
-                self.cv.wait_for(lambda: self.queue or self.closed)
-                if not self.queue:
-                    return
-                item = self.queue.popleft()
-                self.busy = 1
-                self.cv.notify_all()
-            try:
-                self._write(item)
-            finally:
-                item = None
-                with self.cv:
-                    self.busy = 0
-                    self.cv.notify_all()
-
-    def _write(self, item):
-        store = self.store
-        before = store.counters["bytes_written"]
-        try:
-            key = store.put(item.fp, item.tokens, item.cache, item.tier, tenant=item.tenant)
-        except Exception as exc:  # fail open: a bad snapshot is a dropped write
-            log.warning("kvstore write of %d tokens failed: %s: %s", len(item.tokens), type(exc).__name__, exc)
-            key = None
-        if key is None:
-            self.count("writes.failed")
-            self.count("disk.faults")
-        else:
-            self.count("writes.done")
-            self.count("bytes.written", max(0, store.counters["bytes_written"] - before))
-
-    def depth(self):
-        with self.cv:
-            return len(self.queue), self.busy
-
-    def flush(self, timeout=None):
-        with self.cv:
-            return self.cv.wait_for(lambda: not self.queue and not self.busy, timeout)
-
-    def close(self, timeout=None):
-        done = self.flush(timeout)
-        with self.cv:
-            self.closed = True
-            lost = len(self.queue)
-            self.queue.clear()
-            self.cv.notify_all()
-        if lost:
-            self.count("writes.dropped", lost)
-        if self.thread is not None:
-            self.thread.join(timeout)
-        return done
-
-
 class _Counts:
     """Counters shared by the caller's thread and the writer thread."""
 
@@ -218,18 +114,6 @@ class _Counts:
     def snapshot(self):
         with self.lock:
             return dict(self.counts)
-
-
-def _shutdown(writer, store, timeout):
-    """Write what is queued, stop the writer, close an owned store (also at exit or collection)."""
-    done = writer.close(timeout)
-    if store is not None and (writer.thread is None or not writer.thread.is_alive()):
-        try:
-            store.close()
-        except Exception as exc:
-            writer.count("disk.faults")
-            log.warning("kvstore close failed: %s: %s", type(exc).__name__, exc)
-    return done
 
 
 class TieredPromptCache:
@@ -280,7 +164,7 @@ class TieredPromptCache:
         self.queue_size, self.queue_policy = queue_size, queue_policy
         self.log_interval = log_interval
         self.exit_timeout = exit_timeout
-        self._memory = LRUPromptCache(max_size, (1 << 63) if max_bytes is None else max_bytes)
+        self._memory = MemoryTier(max_size, max_bytes)
         self._count = _Counts()
         self._fps = {}
         self._last_log = time.monotonic()
@@ -301,9 +185,9 @@ class TieredPromptCache:
         self._writer = None
         self._store_counters = self.store.counters if self.store is not None else None
         if self.store is not None and not getattr(self.store, "readonly", False):
-            self._writer = _WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
+            self._writer = WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
             # the queue is written at interpreter exit or when the cache is collected
-            self._finalize = weakref.finalize(self, _shutdown, self._writer,
+            self._finalize = weakref.finalize(self, shutdown, self._writer,
                                               self.store if self._owns_store else None, exit_timeout)
 
     # -------------------------------------------------------------- counting
@@ -397,9 +281,7 @@ class TieredPromptCache:
 
     def trim_to(self, *, n_sequences=None, n_bytes=None):
         """Evict memory entries (assistant first, system last) down to the limits."""
-        before = len(self._memory)
-        self._memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
-        self._count("memory.evicted", before - len(self._memory))
+        self._count("memory.evicted", self._memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes))
 
     def fetch_nearest_cache(self, model, tokens, *, tenant=None):
         """``(cache, rest)`` as ``LRUPromptCache.fetch_nearest_cache``, except that
@@ -415,7 +297,7 @@ class TieredPromptCache:
         key, fp = self._key(model, tenant)
         self._count("fetches")
         self._count("tokens.requested", len(tokens))
-        plan = self._plan(key, tokens)
+        plan = self._memory.plan(key, tokens)
         mem_n = plan[1] if plan else 0
         if plan is None:
             self._count("misses.memory")
@@ -424,11 +306,8 @@ class TieredPromptCache:
             got = self._fetch_disk(key, fp, tokens, mem_n, tenant)
         if got is None and plan is not None:
             held, n, kind = plan
-            entry = self._memory._trie.get(key, held)
-            cache = copy.deepcopy(entry.prompt_cache)
-            if len(held) > n:
-                trim_prompt_cache(cache, len(held) - n)
-            got = Fetched(cache, tokens[n:], n, "memory", entry.cache_type, kind)
+            cache, tier = self._memory.checkout(key, held, n)
+            got = Fetched(cache, tokens[n:], n, "memory", tier, kind)
         if got is None:
             self._count("misses")
             got = Fetched(None, tokens)
@@ -440,34 +319,6 @@ class TieredPromptCache:
             self._count(f"tokens.reused.{got.source}", got.reused)
         self._maybe_log()
         return got
-
-    def _plan(self, key, tokens):
-        """``(entry tokens, tokens to serve, kind)`` of the best memory entry, or ``None``.
-
-        mlx-lm's rules (exact, then a longer trimmable entry sharing more than
-        the longest stored prefix, then that prefix), with the exact hit one
-        token short.
-        """
-        trie = self._memory._trie
-        res = trie.search(key, tokens)
-        if res.exact is not None:
-            if len(tokens) < 2:
-                return None
-            if can_trim_prompt_cache(trie.get(key, tokens).prompt_cache):
-                return tokens, len(tokens) - 1, "exact"
-            # a checkpoint cannot be trimmed: the best strictly shorter entry
-            res = trie.search(key, tokens[:-1])
-            if res.exact is not None:
-                return res.exact, len(res.exact), "shorter"
-        short = len(res.shorter) if res.shorter is not None else 0
-        if res.longer is not None and res.common_prefix > short:
-            if can_trim_prompt_cache(trie.get(key, res.longer).prompt_cache):
-                prefix = min(len(tokens) - 1, res.common_prefix)
-                if prefix > 0:
-                    return res.longer, prefix, "longer"
-        if short > 0:
-            return res.shorter, short, "shorter"
-        return None
 
     def _fetch_disk(self, key, fp, tokens, mem_n, tenant=None):
         store = self.store
@@ -510,19 +361,11 @@ class TieredPromptCache:
         if self._writer is not None and fp is not None and cache_type in self.persist and tokens:
             mx.eval(_arrays(cache, []))
             cache = _settle(cache)
-            self._writer.submit(_Write(fp, tokens, cache, cache_type, tenant=tenant))
+            self._writer.submit(Write(fp, tokens, cache, cache_type, tenant=tenant))
         self._maybe_log()
 
     def _memory_insert(self, key, tokens, cache, cache_type):
-        mem = self._memory
-        before = len(mem)
-        try:
-            mem._trie.get(key, tokens)
-            before -= 1  # replaced, not added
-        except KeyError:
-            pass
-        mem.insert_cache(key, tokens, cache, cache_type=cache_type)
-        self._count("memory.evicted", before + 1 - len(mem))
+        self._count("memory.evicted", self._memory.insert(key, tokens, cache, cache_type))
 
     # -------------------------------------------------------------- life cycle
     def flush(self, timeout=None):
@@ -543,7 +386,7 @@ class TieredPromptCache:
             return True
         writer, self._writer = self._writer, None
         self._finalize.detach()
-        return _shutdown(writer, store if self._owns_store else None, timeout)
+        return shutdown(writer, store if self._owns_store else None, timeout)
 
     def __enter__(self):
         return self

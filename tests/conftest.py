@@ -1,6 +1,18 @@
-"""Shared fixtures: tiny offline models built into a per-session directory."""
+"""Shared fixtures: tiny offline models built into a per-session directory.
+
+Tests are grouped as unit/ (no store on disk: keys, records, matching,
+codec, blobs), integration/ (the store, the tiers, the session, the server
+and the command line with real parts) and reliability/ (failures, attacks,
+load). The helper modules they share (workers, procs, chat) live here in
+tests/, which is put on the import path for all of them.
+"""
+
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kvstore
 

@@ -12,7 +12,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -339,3 +339,21 @@ if __name__ == "__main__":
     role, raw = sys.argv[1], sys.argv[2]
     result = ROLES[role](json.loads(raw))
     print(json.dumps({"result": result}), flush=True)
+
+
+HYBRID = "synthetic-hybrid"
+
+
+def hybrid_cache(tokens):
+    """Recurrent state plus a KV layer, both functions of ``tokens``."""
+    a = ArraysCache(1)
+    t = np.asarray(tokens, dtype=np.float64)
+    a[0] = mx.array([[t.sum() % 7919, len(t), t[-1], t[0]]], dtype=mx.float32)
+    return [a] + prefix_cache(tokens, 1)
+
+
+def check_hybrid(cache, tokens):
+    """True if ``cache`` holds exactly what ``hybrid_cache(tokens)`` holds."""
+    want = hybrid_cache(tokens)
+    return bool(mx.array_equal(cache[0].cache[0], want[0].cache[0])) and check_prefix_layers(cache[1:], tokens)
+

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 import kvstore
-from kvstore.blobs import blob_relpath
+from kvstore.backends.files import blob_relpath
 from kvstore_cli.fmt import size
 
 KVSTORE = shutil.which("kvstore") or str(Path(sys.executable).with_name("kvstore"))

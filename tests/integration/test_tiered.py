@@ -20,7 +20,7 @@ import kvstore
 from kvstore import TieredPromptCache
 from kvstore.codec import cache_tokens
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 H, D = 2, 8
 
 
@@ -353,7 +353,7 @@ def test_model_keys_resolve_to_fingerprints(path, tiny_model):
 HOLD = """
 import sys, kvstore
 s = kvstore.SnapshotStore(sys.argv[1])
-txn = s.index.begin(write=True)
+txn = s.index.env.begin(write=True)  # the LMDB backend's own lock, held by another process
 print("held", flush=True)
 sys.stdin.readline()
 txn.abort()
@@ -454,7 +454,7 @@ def test_queued_snapshot_ignores_later_changes_to_the_callers_cache(path):
 
 CRASH = """
 import os, signal, sys
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/integration")
 from test_tiered import TieredPromptCache, kv, toks
 c = TieredPromptCache(sys.argv[1], store_options={"block_tokens": 16})
 for i in range(40):
@@ -467,7 +467,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 EXIT = """
 import sys
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/integration")
 from test_tiered import TieredPromptCache, kv, toks
 c = TieredPromptCache(sys.argv[1], store_options={"block_tokens": 16})
 for i in range(20):

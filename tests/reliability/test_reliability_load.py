@@ -17,7 +17,7 @@ from pathlib import Path
 
 import kvstore
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # tests/: the helper modules
 sys.path.insert(0, str(HERE))
 
 from procs import result, spawn  # noqa: E402
@@ -104,14 +104,14 @@ def test_gc_racing_a_delete_and_a_new_put_of_the_same_tokens(tmp_path):
     only way to make this race happen every time)."""
     from unittest import mock
 
-    from kvstore import blobs as B
+    from kvstore.backends import files
     from workers import prefix_cache, seed_tokens
 
     store = kvstore.SnapshotStore(tmp_path / "store", block_tokens=16)
     toks = seed_tokens(3, 80)
     key = store.put("synthetic", toks, prefix_cache(toks, 2))
     other = store.put("synthetic", seed_tokens(4, 40), prefix_cache(seed_tokens(4, 40), 2))
-    real_open_dir, raced = B.open_dir, []
+    real_open_dir, raced = files.open_dir, []
 
     def open_dir(*a, **kw):
         if not raced:
@@ -120,7 +120,7 @@ def test_gc_racing_a_delete_and_a_new_put_of_the_same_tokens(tmp_path):
             assert store.put("synthetic", toks, prefix_cache(toks, 2)) == key
         return real_open_dir(*a, **kw)
 
-    with mock.patch.object(B, "open_dir", open_dir):
+    with mock.patch.object(files, "open_dir", open_dir):
         problems = store.gc(grace=3600)
     assert raced and problems == []
     assert {e.key for e in store.entries()} == {key, other}

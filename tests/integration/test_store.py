@@ -18,7 +18,7 @@ import kvstore
 from kvstore import tiny
 from procs import run_worker
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # tests/: the helper modules
 FAMILIES = tiny.FAMILIES
 NON_TRIMMABLE = ("qwen3_5", "falcon_h1", "mamba")
 
@@ -412,8 +412,7 @@ def test_damaged_blob_is_a_logged_miss(store, tiny_model, load_tiny, fault, capl
 
 def test_corrupt_record_is_a_miss(store, tiny_model, load_tiny):
     fp, toks, key, path = _one_snapshot(store, tiny_model, load_tiny)
-    with store.index.begin(write=True) as txn:
-        txn.put(bytes.fromhex(key), b"\xc1garbage", db=store.index.db("snap"))
+    store.index.write(lambda w: w.put_snapshot(bytes.fromhex(key), b"\xc1garbage"))
     c, rest = store.fetch_nearest(fp, toks + [1])
     assert c is None
     assert store.verify()[0].kind == "record"

@@ -1,4 +1,4 @@
-"""Blob files: the safetensors writer and the defensive reader."""
+"""Blobs: the safetensors format, its defensive reader, and blob files on disk."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvstore import blobs as B
+from kvstore.backends.files import FileBlobs, Folder, blob_relpath
 from kvstore.errors import CorruptSnapshot, FormatVersionError
 
 
@@ -15,28 +16,28 @@ from kvstore.errors import CorruptSnapshot, FormatVersionError
 def dirs(tmp_path):
     for sub in ("blobs", "tmp"):
         (tmp_path / sub).mkdir(mode=0o700)
-    fds = {sub: B.open_dir(str(tmp_path / sub)) for sub in ("blobs", "tmp")}
-    yield tmp_path, fds
-    for fd in fds.values():
-        os.close(fd)
+    folder = Folder(tmp_path)
+    yield tmp_path, FileBlobs(folder)
+    folder.close()
 
 
-def write(fds, tensors):
-    return B.write_blob(fds["blobs"], fds["tmp"], tensors, {"kvstore.kind": "test"})
+def write(blobs, tensors):
+    ref = blobs.write(tensors, {"kvstore.kind": "test"})
+    return ref.blob.hex(), ref.size, ref.header_sum
 
 
 def path_of(root, blob_id):
-    return root / "blobs" / B.blob_relpath(blob_id)
+    return root / "blobs" / blob_relpath(blob_id)
 
 
 def test_round_trip_prefix_reads_and_chunk_checks(dirs):
-    root, fds = dirs
+    root, blobs = dirs
     k = np.arange(1 * 2 * 600 * 8, dtype=np.float32).reshape(1, 2, 600, 8)
     s = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    blob_id, size, hs = write(fds, {"k": ("F32", k, 2), "s": ("BF16", s, None)})
+    blob_id, size, hs = write(blobs, {"k": ("F32", k, 2), "s": ("BF16", s, None)})
     assert path_of(root, blob_id).stat().st_size == size
     assert oct(path_of(root, blob_id).stat().st_mode & 0o777) == "0o600"
-    with B.BlobReader(fds["blobs"], blob_id, size, hs) as r:
+    with blobs.open(blob_id, size, hs) as r:
         assert np.array_equal(r.read("k"), k) and np.array_equal(r.read("s"), s)
         out = np.zeros((2, 300, 8), dtype=np.float32)
         r.bytes_read = 0
@@ -49,19 +50,39 @@ def test_round_trip_prefix_reads_and_chunk_checks(dirs):
     n = struct.unpack("<Q", data[:8])[0]
     data[8 + n + (600 * 8 - 1) * 4] ^= 0xFF  # last row of slice 0
     path_of(root, blob_id).write_bytes(data)
-    with B.BlobReader(fds["blobs"], blob_id, size, hs) as r:
+    with blobs.open(blob_id, size, hs) as r:
         r.read_rows("k", 300, np.zeros((2, 300, 8), dtype=np.float32))
         with pytest.raises(CorruptSnapshot, match="checksum"):
             r.verify()
 
 
+def test_a_blob_reads_the_same_from_bytes(dirs):
+    """The format does not depend on where the bytes live: a blob held in memory reads and verifies alike."""
+    root, blobs = dirs
+    k = np.arange(2 * 300 * 4, dtype=np.float32).reshape(1, 2, 300, 4)
+    blob_id, size, hs = write(blobs, {"k": ("F32", k, 2)})
+    data = path_of(root, blob_id).read_bytes()
+    with B.BlobReader(B.BytesSource(data), blob_id, size, hs) as r:
+        out = np.zeros((2, 260, 4), dtype=np.float32)
+        r.read_rows("k", 260, out)
+        assert np.array_equal(out, k[0, :, :260, :])
+        r.verify()
+    damaged = bytearray(data)
+    damaged[-1] ^= 1
+    with B.BlobReader(B.BytesSource(bytes(damaged)), blob_id, size, hs) as r, \
+            pytest.raises(CorruptSnapshot, match="checksum"):
+        r.verify()
+    with pytest.raises(CorruptSnapshot, match="bytes, index says"):
+        B.BlobReader(B.BytesSource(data[:-4]), blob_id, size, hs)
+
+
 def test_write_leaves_no_temp_file(dirs):
-    root, fds = dirs
-    write(fds, {"a": ("F32", np.zeros(3, np.float32), None)})
+    root, blobs = dirs
+    write(blobs, {"a": ("F32", np.zeros(3, np.float32), None)})
     assert list((root / "tmp").iterdir()) == []
 
 
-def hostile(root, fds, header, data=b"", meta=None, raw_len=None):
+def hostile(root, blobs, header, data=b"", meta=None, raw_len=None):
     """Write a hand-made blob with any header, return its id."""
     blob_id = B.new_id()
     if meta is not False:
@@ -78,7 +99,7 @@ def hostile(root, fds, header, data=b"", meta=None, raw_len=None):
     "overlap", "gap", "bad-dtype", "negative-dim", "no-sums", "wrong-sum-count", "bad-row-axis", "array-header",
 ])
 def test_hostile_headers_are_corrupt_not_crashes(dirs, case):
-    root, fds = dirs
+    root, blobs = dirs
     ok = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
     sums = json.dumps({"t": [None, 1, "0" * 16]})
     h, data, meta, raw_len = {"t": dict(ok)}, b"\0" * 8, {"kvstore.sums": sums}, None
@@ -112,28 +133,28 @@ def test_hostile_headers_are_corrupt_not_crashes(dirs, case):
         (root / "blobs" / blob_id[:2]).mkdir(exist_ok=True)
         path_of(root, blob_id).write_bytes(struct.pack("<Q", 5) + b"{{{{{" + data)
     elif case == "no-metadata":
-        blob_id = hostile(root, fds, h, data, meta=False)
+        blob_id = hostile(root, blobs, h, data, meta=False)
     elif case == "array-header":
         blob_id = B.new_id()
         (root / "blobs" / blob_id[:2]).mkdir(exist_ok=True)
         path_of(root, blob_id).write_bytes(struct.pack("<Q", 2) + b"[]")
     else:
-        blob_id = hostile(root, fds, h, data, meta, raw_len)
+        blob_id = hostile(root, blobs, h, data, meta, raw_len)
     with pytest.raises(CorruptSnapshot):
-        with B.BlobReader(fds["blobs"], blob_id) as r:
+        with blobs.open(blob_id) as r:
             r.verify()
 
 
 def test_unknown_format_version(dirs):
-    root, fds = dirs
-    blob_id = hostile(root, fds, {}, meta={"kvstore.format": "2"})
+    root, blobs = dirs
+    blob_id = hostile(root, blobs, {}, meta={"kvstore.format": "2"})
     with pytest.raises(FormatVersionError):
-        B.BlobReader(fds["blobs"], blob_id)
+        blobs.open(blob_id)
 
 
 def test_links_are_never_followed(dirs, tmp_path):
-    root, fds = dirs
-    blob_id, size, hs = write(fds, {"a": ("F32", np.ones(4, np.float32), None)})
+    root, blobs = dirs
+    blob_id, size, hs = write(blobs, {"a": ("F32", np.ones(4, np.float32), None)})
     p = path_of(root, blob_id)
     # a symlinked fan-out folder is refused too, not only a symlinked file
     sub = p.parent
@@ -141,9 +162,9 @@ def test_links_are_never_followed(dirs, tmp_path):
     sub.rename(moved)
     sub.symlink_to(moved)
     with pytest.raises(OSError):
-        B.BlobReader(fds["blobs"], blob_id, size, hs)
+        blobs.open(blob_id, size, hs)
     sub.unlink()
     moved.rename(sub)
     os.link(p, tmp_path / "second")
     with pytest.raises(CorruptSnapshot, match="hard links"):
-        B.BlobReader(fds["blobs"], blob_id, size, hs)
+        blobs.open(blob_id, size, hs)

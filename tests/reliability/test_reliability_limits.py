@@ -18,7 +18,7 @@ import pytest
 import kvstore
 from kvstore import TieredPromptCache
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # tests/: the helper modules
 sys.path.insert(0, str(HERE))
 
 from test_reliability_load import record  # noqa: E402

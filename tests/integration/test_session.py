@@ -21,10 +21,10 @@ import kvstore
 from kvstore import PromptSession, TieredPromptCache
 from kvstore.session import VOLATILE_PATTERNS, normalize_messages, segment_prompt
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import chat  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SYSTEM = {"role": "system", "content": chat.SYSTEM}
 TOOLS = [{"type": "function", "function": {"name": "get_tide", "parameters": {"type": "object"}}}]
 

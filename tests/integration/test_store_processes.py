@@ -80,7 +80,7 @@ def test_gc_grace_spares_a_put_in_flight(tmp_path):
     """A blob written but not yet indexed (a put in flight) survives gc with a grace period."""
     path = tmp_path / "store"
     store = kvstore.SnapshotStore(path)
-    blob_id, _, _ = kvstore.blobs.write_blob(store._fd("blobs"), store._fd("tmp"), {}, {})
+    blob_id = store.blobs.write({}, {}).blob.hex()
     assert store.gc(grace=60) == []
     assert blob_id in blob_ids_on_disk(path)
     old = time.time() - 120

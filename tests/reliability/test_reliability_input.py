@@ -29,9 +29,10 @@ from hypothesis import strategies as st
 import kvstore
 from kvstore import blobs as B
 from kvstore.errors import CorruptSnapshot, InvalidInput
-from kvstore.index import pack, unpack
+from kvstore.backends.files import FileBlobs, Folder, blob_relpath
+from kvstore.records import pack, unpack
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # tests/: the helper modules
 sys.path.insert(0, str(HERE))
 
 from workers import check_prefix_layers, prefix_cache, seed_tokens  # noqa: E402
@@ -48,7 +49,7 @@ class Stored:
     an earlier 200-token prefix) and one hybrid snapshot (a state blob)."""
 
     def __init__(self, path):
-        from test_reliability_crash import HYBRID, hybrid_cache
+        from workers import HYBRID, hybrid_cache
 
         self.store = kvstore.SnapshotStore(path, block_tokens=16)
         self.store.put(FP, TOKS[:200], prefix_cache(TOKS[:200], 2))
@@ -58,31 +59,36 @@ class Stored:
         self.hybrid = HYBRID
 
     def raw(self, key):
-        with self.store.index.begin() as txn:
-            return bytes(txn.get(bytes.fromhex(key), db=self.store.index.db("snap")))
+        with self.store.index.read() as r:
+            return r.snapshot(bytes.fromhex(key))
 
     def put_raw(self, key, raw, db="snap"):
-        with self.store.index.begin(write=True) as txn:
-            txn.put(key if isinstance(key, bytes) else bytes.fromhex(key), raw, db=self.store.index.db(db))
-        self.store._bad.clear()
+        kb = key if isinstance(key, bytes) else bytes.fromhex(key)
+        put = {"snap": "put_snapshot", "seg": "put_segment"}[db]
+        self.store.index.write(lambda w: getattr(w, put)(kb, raw))
+        self.store.retry_failed()
+
+    def put_model_raw(self, fp, raw):
+        self.store.index.write(lambda w: w.put_model(fp, raw))
+        self.store.retry_failed()
 
     def model_raw(self, fp):
-        with self.store.index.begin() as txn:
-            return bytes(txn.get(fp.encode(), db=self.store.index.db("model")))
+        with self.store.index.read() as r:
+            return r.model(fp)
 
     def blob_path(self, blob_id):
-        return self.store.path / "blobs" / B.blob_relpath(blob_id)
+        return self.store.path / "blobs" / blob_relpath(blob_id)
 
     def fetch(self, fp=FP, toks=None):
         """fetch_nearest of toks+[5]: must be a miss or exactly right."""
         toks = TOKS if toks is None else toks
-        self.store._bad.clear()
+        self.store.retry_failed()
         cache, rest = self.store.fetch_nearest(fp, toks + [5])
         assert rest and len(rest) <= len(toks) + 1
         if cache is not None:
             n = len(toks) + 1 - len(rest)
             if fp == self.hybrid:
-                from test_reliability_crash import check_hybrid
+                from workers import check_hybrid
 
                 assert check_hybrid(cache, toks[:n]), "wrong hybrid cache served"
             else:
@@ -184,9 +190,9 @@ def test_hostile_model_records_are_misses(stored):
         m["sigs"][sid]["tensors"][name][0] = "OBJECT"
     bad += [m, {"sigs": []}, {"sigs": {sid: "x"}}, {"struct": 5}]
     for m in bad:
-        stored.put_raw(FP.encode(), pack(m), db="model")
+        stored.put_model_raw(FP, pack(m))
         assert stored.fetch() is None, m
-    stored.put_raw(FP.encode(), b"\xc1", db="model")
+    stored.put_model_raw(FP, b"\xc1")
     assert stored.fetch() is None
 
 
@@ -203,16 +209,14 @@ def test_wrong_tensors_in_an_otherwise_valid_blob_are_misses(stored):
     }
     for name, change in cases.items():
         seg_id = bytes(rec["ext"][-1][0]).hex()
-        with B.BlobReader(store._fd("blobs"), seg_id) as r:
+        with store.blobs.open(seg_id) as r:
             tensors = {t: r.read(t) for t in r.tensors}
         dt = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
         new = {t: change(a) for t, a in tensors.items()}
-        new_id, size, hs = B.write_blob(store._fd("blobs"), store._fd("tmp"),
-                                        {t: (dt[a.dtype], a, 2) for t, a in new.items()}, {})
-        srec_raw = None
-        with store.index.begin() as txn:
-            srec_raw = bytes(txn.get(bytes.fromhex(seg_id), db=store.index.db("seg")))
-        srec = unpack(srec_raw)
+        ref = store.blobs.write({t: (dt[a.dtype], a, 2) for t, a in new.items()}, {})
+        new_id, size, hs = ref.blob.hex(), ref.size, ref.header_sum
+        with store.index.read() as r:
+            srec = unpack(r.segment(bytes.fromhex(seg_id)))
         r2 = dict(rec)
         r2["ext"] = rec["ext"][:-1] + [[bytes.fromhex(new_id), rec["ext"][-1][1]]]
         stored.put_raw(bytes.fromhex(new_id), pack({**srec, "size": size, "hs": hs}), db="seg")
@@ -221,7 +225,7 @@ def test_wrong_tensors_in_an_otherwise_valid_blob_are_misses(stored):
     # a state blob with the wrong shape (valid checksums)
     hrec = unpack(stored.raw(stored.hkey))
     st_id = bytes(hrec["st"][0]).hex()
-    with B.BlobReader(store._fd("blobs"), st_id) as r:
+    with store.blobs.open(st_id) as r:
         tensors = {t: r.read(t) for t in r.tensors}
     for name, change in {"state-shape": lambda a: np.concatenate([a, a], axis=-1),
                          "state-extra": None, "state-missing": "drop"}.items():
@@ -231,8 +235,8 @@ def test_wrong_tensors_in_an_otherwise_valid_blob_are_misses(stored):
             new = {**tensors, "9.s0": np.zeros((1, 4), np.float32)}
         else:
             new = {t: change(a) for t, a in tensors.items()}
-        new_id, size, hs = B.write_blob(store._fd("blobs"), store._fd("tmp"),
-                                        {t: ("F32", a, None) for t, a in new.items()}, {})
+        ref = store.blobs.write({t: ("F32", a, None) for t, a in new.items()}, {})
+        new_id, size, hs = ref.blob.hex(), ref.size, ref.header_sum
         stored.put_raw(stored.hkey, pack({**hrec, "st": [bytes.fromhex(new_id), size, hs]}))
         assert stored.fetch(stored.hybrid, stored.htoks) is None, name
 
@@ -345,7 +349,8 @@ def test_fuzz_safetensors_headers(tmp_path):
     quickly, and never allocates what the header claims."""
     for sub in ("blobs", "tmp"):
         (tmp_path / sub).mkdir(mode=0o700)
-    blobs_fd = B.open_dir(str(tmp_path / "blobs"))
+    folder = Folder(tmp_path)
+    blobs = FileBlobs(folder)
     examples = [0]
 
     @FUZZ
@@ -372,7 +377,7 @@ def test_fuzz_safetensors_headers(tmp_path):
                                                       + raw + data)
         t = time.monotonic()
         try:
-            with B.BlobReader(blobs_fd, blob_id) as r:
+            with blobs.open(blob_id) as r:
                 r.verify()
                 for name in r.tensors:
                     shape = r.shape(name)
@@ -384,7 +389,7 @@ def test_fuzz_safetensors_headers(tmp_path):
         assert time.monotonic() - t < 2
 
     run()
-    os.close(blobs_fd)
+    folder.close()
     print(f"\nsafetensors headers fuzzed: {examples[0]}")
 
 
@@ -604,8 +609,8 @@ def test_hostile_segment_records(stored):
     put over that prefix stores the prefix itself, delete and gc still work."""
     rec = unpack(stored.raw(stored.key))
     seg = bytes(rec["ext"][0][0])
-    with stored.store.index.begin() as txn:
-        good = unpack(bytes(txn.get(seg, db=stored.store.index.db("seg"))))
+    with stored.store.index.read() as r:
+        good = unpack(r.segment(seg))
     for bad in ({**good, "refs": "2"}, {**good, "fp": "another-model"}, {**good, "at": 7}, {**good, "rows": -1},
                 {**good, "size": None}, {"v": 1}):
         stored.put_raw(seg, pack(bad), db="seg")

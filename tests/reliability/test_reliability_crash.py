@@ -22,25 +22,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import ArraysCache
 
 import kvstore
 import procs
 from kvstore import blobs as B
+from kvstore.backends.files import blob_relpath
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # tests/: the helper modules
 sys.path.insert(0, str(HERE))
 
 from test_reliability_load import record  # noqa: E402
-from workers import check_prefix_layers, prefix_cache, seed_tokens  # noqa: E402
+from workers import HYBRID, check_hybrid, check_prefix_layers, hybrid_cache, prefix_cache, seed_tokens  # noqa: E402
 
 RUNS = int(os.environ.get("KVSTORE_CRASH_RUNS", "2"))
-HYBRID = "synthetic-hybrid"
-
-
 def spawn(args):
     return procs.spawn("crash_op", args)
 
@@ -48,19 +44,6 @@ def spawn(args):
 def wait_ready(proc):
     line = proc.stdout.readline()
     assert line and "ready" in line, proc.stderr.read()[-3000:]
-
-
-def hybrid_cache(tokens):
-    """Recurrent state plus a KV layer, both functions of ``tokens``."""
-    a = ArraysCache(1)
-    t = np.asarray(tokens, dtype=np.float64)
-    a[0] = mx.array([[t.sum() % 7919, len(t), t[-1], t[0]]], dtype=mx.float32)
-    return [a] + prefix_cache(tokens, 1)
-
-
-def check_hybrid(cache, tokens):
-    want = hybrid_cache(tokens)
-    return bool(mx.array_equal(cache[0].cache[0], want[0].cache[0])) and check_prefix_layers(cache[1:], tokens)
 
 
 def blob_ids(path):
@@ -174,9 +157,8 @@ def make_mess(store, path, rng, orphans=1500, broken=6):
     """Old orphan blobs, old temp files and records whose blobs are gone: work for gc."""
     old = time.time() - 7200
     for _ in range(orphans):
-        blob_id, _, _ = B.write_blob(store._fd("blobs"), store._fd("tmp"),
-                                     {"x": ("F32", np.zeros(4, np.float32), None)}, {}, fsync=False)
-        os.utime(Path(path, "blobs", B.blob_relpath(blob_id)), (old, old))
+        blob_id = store.blobs.write({"x": ("F32", np.zeros(4, np.float32), None)}, {}).blob.hex()
+        os.utime(Path(path, "blobs", blob_relpath(blob_id)), (old, old))
     for i in range(200):
         p = Path(path, "tmp", f"{B.new_id()}.tmp")
         p.write_bytes(b"half a blob")
@@ -185,7 +167,7 @@ def make_mess(store, path, rng, orphans=1500, broken=6):
         toks = seed_tokens(int(rng.integers(10_000, 1 << 30)), 40)
         key = store.put("synthetic", toks, prefix_cache(toks, 2), tier="assistant")
         (e,) = [e for e in store.entries() if e.key == key]
-        B.unlink_blob(store._fd("blobs"), e.blobs[-1])
+        store.blobs.unlink(e.blobs[-1])
 
 
 def crash_gc(tmp_path, rng, runs):

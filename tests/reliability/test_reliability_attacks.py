@@ -3,7 +3,6 @@ bytes of its base, links planted where the store writes, archives built to
 fill the disk or the memory, tenant values that alias, and files readable
 by others. Each is refused or contained (see RELIABILITY.md, "Attacks")."""
 
-import gzip
 import io
 import json
 import os
@@ -21,9 +20,10 @@ import pytest
 
 import kvstore
 from kvstore.errors import InvalidInput
-from kvstore.index import pack, unpack
+from kvstore.maintenance import archive as archives
+from kvstore.records import pack, unpack
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent.parent  # tests/: the helper modules
 sys.path.insert(0, str(HERE))
 
 from test_reliability_limits import fill_up, small_fs  # noqa: E402
@@ -201,17 +201,17 @@ def test_import_fails_open_when_the_disk_fills_mid_copy(tmp_path, exported):
     archive = _archive(tmp_path / "real.tar", manifest, members)
     with small_fs(tmp_path / "fs", "8m") as fs:
         dst = kvstore.SnapshotStore(fs / "store", block_tokens=16, map_size=1 << 20)
-        real_import = kvstore.archive._import_blob
+        real_import = archives._import_blob
 
         def fill_then_import(store, src, blob_id, size, hs):
             fill_up(fs)  # another process takes the disk between the check and the copy
             return real_import(store, src, blob_id, size, hs)
 
-        kvstore.archive._import_blob = fill_then_import
+        archives._import_blob = fill_then_import
         try:
             added, _, problems = dst.import_archive(str(archive))
         finally:
-            kvstore.archive._import_blob = real_import
+            archives._import_blob = real_import
         assert added == 0 and problems
         assert any("No space" in p.reason or "ENOSPC" in p.reason or "Errno 28" in p.reason for p in problems)
         assert _left_in_tmp(dst) == []

@@ -15,14 +15,19 @@ on the disk is refused before it writes, and temp files are removed on
 every path out. Files written are 0600. This module never imports MLX.
 """
 
+import io
 import os
 import tarfile
 import time
 
 import msgpack
 
-from . import blobs as B
-from .errors import CorruptSnapshot, InvalidInput, StoreUnavailable
+from ..backends.files import CLOEXEC, NOFOLLOW
+from ..blobs import FORMAT_VERSION, SUFFIX, is_blob_id, new_id
+from ..errors import CorruptSnapshot, InvalidInput, StoreUnavailable
+from ..records import decode_segment, encode_segment, is_id, model_from, pack, segment_from, snapshot_from, unpack
+from ..reports import Problem
+from ..transactions import index_snapshot, merge_model
 
 MANIFEST = "manifest.msgpack"
 # one manifest object (a snapshot record, a segment or model entry) at most
@@ -35,14 +40,12 @@ COPY_CHUNK = 1 << 20
 
 class _Problems(list):
     def add(self, kind, key, blob, reason):
-        from .store import Problem
-
         self.append(Problem(kind, key, blob, reason))
 
 
 def create_private(path):
     """Open ``path`` for writing as a new or truncated 0600 file, never through a symlink."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | B._NOFOLLOW | B._CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW | CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
     except OSError:
@@ -130,8 +133,6 @@ class _BlobRefs:
     def __call__(self, item):
         if not isinstance(item, dict) or not isinstance(item.get("rec"), bytes):
             return
-        from .index import unpack
-
         try:
             rec = unpack(item["rec"])
         except CorruptSnapshot:
@@ -182,7 +183,7 @@ def import_archive(store, archive, progress=None):
 
 
 def _check_header(archive, header, block):
-    if header.get("format") != B.FORMAT_VERSION:
+    if header.get("format") != FORMAT_VERSION:
         raise InvalidInput(f"{archive} has archive format {header.get('format')}")
     if header.get("block_tokens") != block:
         raise InvalidInput(f"{archive} was written by a store with {header.get('block_tokens')}-token blocks, "
@@ -191,9 +192,9 @@ def _check_header(archive, header, block):
 
 def _check_room(store, declared):
     """Refuse an import whose new blobs cannot fit on the store's disk."""
-    need = sum(size for blob_id, (size, _hs) in declared.items() if not store._has_blob(blob_id))
+    need = sum(size for blob_id, (size, _hs) in declared.items() if not store.blobs.exists(blob_id))
     try:
-        st = os.statvfs(store._fd("tmp"))
+        st = os.statvfs(store.blobs.folder.fd("tmp"))
     except (OSError, AttributeError):
         return
     free = st.f_bavail * st.f_frsize
@@ -207,8 +208,8 @@ def _copy_blobs(store, tar, first, declared, arrived, problems, progress):
         if member is first:
             continue
         name = member.name
-        blob_id = name[len("blobs/"): -len(B.SUFFIX)] if name.startswith("blobs/") and name.endswith(B.SUFFIX) else ""
-        if not member.isfile() or not B.is_blob_id(blob_id):
+        blob_id = name[len("blobs/"): -len(SUFFIX)] if name.startswith("blobs/") and name.endswith(SUFFIX) else ""
+        if not member.isfile() or not is_blob_id(blob_id):
             problems.add("import", None, None, f"unexpected archive member {name!r}")
             continue
         if blob_id in arrived:
@@ -222,7 +223,7 @@ def _copy_blobs(store, tar, first, declared, arrived, problems, progress):
             problems.add("import", None, blob_id, f"archive member {name!r} is {member.size} bytes, "
                                                   f"the manifest says {size}")
             continue
-        if store._has_blob(blob_id):
+        if store.blobs.exists(blob_id):
             continue  # already here; verified when a record claims it
         try:
             arrived[blob_id] = _import_blob(store, tar.extractfile(member), blob_id, size, hs)
@@ -234,9 +235,9 @@ def _copy_blobs(store, tar, first, declared, arrived, problems, progress):
 
 def _import_blob(store, src, blob_id, size, header_sum):
     """Stream exactly ``size`` bytes of one member into tmp/, fsync, verify; return the temp name."""
-    tmp_name = f"{blob_id}.import.{B.new_id()[:8]}"
-    tmp_fd = store._fd("tmp")
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | B._NOFOLLOW | B._CLOEXEC, 0o600, dir_fd=tmp_fd)
+    tmp_name = f"{blob_id}.import.{new_id()[:8]}"
+    tmp_fd = store.blobs.folder.fd("tmp")
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600, dir_fd=tmp_fd)
     try:
         with os.fdopen(fd, "wb") as f:
             left = size
@@ -249,7 +250,7 @@ def _import_blob(store, src, blob_id, size, header_sum):
             f.flush()
             if store.fsync:
                 os.fsync(f.fileno())
-        with B.BlobReader.in_dir(tmp_fd, tmp_name, blob_id, size, header_sum) as r:
+        with store.blobs.open_temp(tmp_name, blob_id, size, header_sum) as r:
             r.verify()
     except BaseException:
         _unlink_tmp(store, tmp_name)
@@ -258,10 +259,7 @@ def _import_blob(store, src, blob_id, size, header_sum):
 
 
 def _unlink_tmp(store, tmp_name):
-    try:
-        os.unlink(tmp_name, dir_fd=store._fd("tmp"))
-    except FileNotFoundError:
-        pass
+    store.blobs.remove_temp(tmp_name)
 
 
 def _index_snapshots(store, archive, segments, models, arrived, problems):
@@ -272,9 +270,7 @@ def _index_snapshots(store, archive, segments, models, arrived, problems):
         nonlocal added, added_bytes
         try:
             kb, raw = bytes(item["key"]), bytes(item["rec"])
-            from .index import unpack
-
-            got = store._import_record(kb, unpack(raw), raw, segments, models, arrived)
+            got = _import_record(store, kb, raw, segments, models, arrived)
         except (CorruptSnapshot, InvalidInput, KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             key = item.get("key") if isinstance(item, dict) else None
             problems.add("import", bytes(key).hex() if isinstance(key, bytes) else None, None, str(exc))
@@ -289,18 +285,138 @@ def _index_snapshots(store, archive, segments, models, arrived, problems):
     return added, added_bytes
 
 
+def _needed_blobs(rec, segments):
+    """``{blob id: (size, header sum, Segment or None)}`` a record needs, from the manifest's entries."""
+    need = {}
+    for e in rec.extents:
+        meta = segments.get(e.segment.hex())
+        if not isinstance(meta, dict):
+            raise CorruptSnapshot(f"archive has no segment {e.segment.hex()}")
+        seg = segment_from(meta, refs=1)
+        if seg.fingerprint != rec.fingerprint:
+            raise CorruptSnapshot(f"segment {e.segment.hex()} belongs to another model")
+        need[e.segment.hex()] = (seg.size, seg.header_sum, seg)
+    if rec.state:
+        need[rec.state.blob.hex()] = (rec.state.size, rec.state.header_sum, None)
+    return need
+
+
+def _place(store, need, arrived):
+    """Put every blob a record needs in place (or find it there), each verified."""
+    for blob_id, (size, hs, _seg) in need.items():
+        try:
+            with store.blobs.open(blob_id, size, hs) as r:
+                r.verify()
+            continue  # already here (an earlier import or snapshot)
+        except FileNotFoundError:
+            pass
+        if blob_id not in arrived:
+            raise CorruptSnapshot(f"archive lacks blob {blob_id}")
+        store.blobs.adopt(arrived.pop(blob_id), blob_id)
+        try:
+            with store.blobs.open(blob_id, size, hs) as r:
+                r.verify()
+        except (CorruptSnapshot, OSError):
+            store.blobs.unlink(blob_id)
+            raise
+
+
+def _import_record(store, kb, raw, segments, models, arrived):
+    """Index one archived snapshot whose blobs are verified in place; its new bytes, or ``None`` if present."""
+    rec = unpack(raw)
+    if not is_id(kb) or rec.get("v") != FORMAT_VERSION:
+        raise CorruptSnapshot("bad record in archive")
+    snap = snapshot_from(rec)
+    model = models.get(snap.fingerprint)
+    if not isinstance(model, dict) or "struct" not in model or not isinstance(model.get("sigs"), dict):
+        raise CorruptSnapshot(f"archive has no layout for {snap.fingerprint}")
+    need = _needed_blobs(snap, segments)
+    _place(store, need, arrived)
+
+    def tx(w):
+        if w.snapshot(kb) is not None:
+            return None
+        merge_model(w, snap.fingerprint, model_from(model))
+        new_bytes = 0
+        for blob_id, (size, _hs, seg) in need.items():
+            if seg is None:
+                continue
+            sid = bytes.fromhex(blob_id)
+            cur = w.segment(sid)
+            if cur is None:
+                seg.created = time.time()
+                w.put_segment(sid, encode_segment(seg))
+                new_bytes += size
+            else:
+                known = decode_segment(cur)
+                known.refs += 1
+                w.put_segment(sid, encode_segment(known))
+        if snap.state:
+            new_bytes += snap.state.size
+        index_snapshot(w, kb, snap, raw=raw)
+        w.add_counter("bytes", new_bytes)
+        return new_bytes
+
+    return store.index.write(tx)
+
+
 # ------------------------------------------------------------------ export
+def export_archive(store, wanted, archive, progress=None):
+    """Write the snapshots whose keys are in ``wanted`` (bytes; ``None``: all) to a 0600 tar."""
+    with store.index.read() as r:
+        snaps = [(k, v) for k, v in r.snapshots() if wanted is None or k in wanted]
+        segs = dict(r.segments())
+        models = dict(r.models())
+    manifest = {"format": FORMAT_VERSION, "block_tokens": store.block, "snapshots": [], "segments": {},
+                "models": {}}
+    problems, blob_sizes = [], {}
+    for kb, raw in snaps:
+        try:
+            snap = snapshot_from(unpack(raw))
+            entries = {}
+            for e in snap.extents:
+                if e.segment not in segs:
+                    raise CorruptSnapshot(f"segment {e.segment.hex()} is missing from the index")
+                entries[e.segment.hex()] = unpack(segs[e.segment], "segment record")
+                seg = decode_segment(segs[e.segment])
+                _verified(store, e.segment.hex(), seg.size, seg.header_sum, blob_sizes)
+            if snap.state:
+                _verified(store, snap.state.blob.hex(), snap.state.size, snap.state.header_sum, blob_sizes)
+            model = unpack(models[snap.fingerprint], "model record") if snap.fingerprint in models else None
+        except (CorruptSnapshot, OSError, KeyError, TypeError) as exc:
+            problems.append(Problem("export", kb.hex(), None, str(exc)))
+            continue
+        manifest["snapshots"].append({"key": kb, "rec": raw})
+        for blob_id, srec in entries.items():
+            manifest["segments"][blob_id] = {k: srec[k] for k in SEGMENT_FIELDS if k in srec}
+        if model is not None:
+            manifest["models"][snap.fingerprint] = model
+
+    def files():
+        for blob_id, size in blob_sizes.items():
+            yield blob_id, size, store.blobs.open_file(blob_id)
+
+    write_archive(archive, pack(manifest), files(), progress)
+    return len(manifest["snapshots"]), sum(blob_sizes.values()), problems
+
+
+def _verified(store, blob_id, size, header_sum, seen):
+    """Verify a blob once per export (``CorruptSnapshot`` / ``OSError`` if it fails)."""
+    if blob_id not in seen:
+        with store.blobs.open(blob_id, size, header_sum) as r:
+            r.verify()
+        seen[blob_id] = size
+
+
 def write_archive(path, manifest_bytes, blob_files, progress=None):
     """Write a 0600 tar at ``path``: the manifest, then ``blob_files`` ``[(blob id, size, open file)]``."""
-    import io
-
     with create_private(path) as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(MANIFEST)
         info.size, info.mtime, info.mode = len(manifest_bytes), int(time.time()), 0o600
         tar.addfile(info, io.BytesIO(manifest_bytes))
         for blob_id, size, f in blob_files:
             with f:
-                info = tarfile.TarInfo(f"blobs/{blob_id}{B.SUFFIX}")
+                info = tarfile.TarInfo(f"blobs/{blob_id}{SUFFIX}")
                 info.size, info.mtime, info.mode = size, int(time.time()), 0o600
                 tar.addfile(info, f)
             if progress:

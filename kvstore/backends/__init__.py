@@ -1,0 +1,1 @@
+"""Places that keep snapshots: the storage interface (``base``) and its implementations."""

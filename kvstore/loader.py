@@ -1,0 +1,132 @@
+"""The restore path: a planned snapshot -> verified arrays -> fresh cache objects.
+
+``load`` reads what a ``matching.Plan`` needs, in this order: the stored
+tokens against the request, the segment and model records from one index
+view, the layout against the model's recorded signature, then only the blob
+bytes of the tokens served (row chunks verified as they are read), and
+rebuilds mlx-lm cache objects with decode headroom. Every check failing is
+``CorruptSnapshot`` (the caller counts it and treats it as a miss); nothing
+is handed to MLX before its shape and dtype match the model's layout.
+This module holds no index transaction during blob I/O.
+"""
+
+import numpy as np
+
+from .blobs import DTYPES
+from .errors import CorruptSnapshot
+from .records import decode_model, decode_segment
+
+
+def load(index, blobs, plan, fingerprint, toks):
+    """Rebuild the cache ``plan`` serves for the request tokens ``toks``; return ``(cache, bytes read)``."""
+    from . import codec
+
+    rec, n = plan.record, plan.tokens
+    if not rec.same_tokens(toks, n):
+        raise CorruptSnapshot("stored tokens do not match")
+    segs, model = _records(index, rec, fingerprint)
+    sig = model.sigs.get(rec.layout_id)
+    if not isinstance(sig, dict) or not isinstance(sig.get("tensors"), dict):
+        raise CorruptSnapshot(f"no layout {rec.layout_id} recorded for {fingerprint}")
+    codec.check_layout(rec.layout, sig.get("layout"), rec.n_tokens)
+    tensors = sig["tensors"]
+    read = [0]
+    positional = _positional(blobs, rec, segs, tensors, n, read)
+    state = _state(blobs, rec, tensors, read) if rec.state else {}
+    cache = codec.decode(rec.layout, positional, state, n)
+    import mlx.core as mx
+
+    mx.eval(list(positional.values()) + list(state.values()))
+    return cache, read[0]
+
+
+def _records(index, rec, fingerprint):
+    """The segment records of ``rec``'s extents and the model record, from one view."""
+    with index.read() as r:
+        model_raw = r.model(str(fingerprint))
+        segs = {}
+        for e in rec.extents:
+            raw = r.segment(e.segment)
+            if raw is None:
+                raise CorruptSnapshot(f"segment {e.segment.hex()} is missing from the index")
+            seg = decode_segment(raw)
+            if seg.fingerprint != rec.fingerprint:
+                raise CorruptSnapshot(f"segment {e.segment.hex()} belongs to another model")
+            if e.rows > seg.rows:
+                raise CorruptSnapshot(f"extent of {e.rows} rows in a {seg.rows}-row segment")
+            segs[e.segment] = seg
+    if model_raw is None:
+        raise CorruptSnapshot(f"no layout recorded for {fingerprint}")
+    return segs, decode_model(model_raw)
+
+
+def _positional_specs(layout, tensors):
+    """``{name: (dtype, (B, H, X))}`` of every positional tensor, as the model's layout records it."""
+    from . import codec
+
+    out = {}
+    for name, _path in codec.positional_specs(layout):
+        want = tensors.get(name)
+        if not (isinstance(want, list) and len(want) == 2 and want[0] in DTYPES and isinstance(want[1], list)
+                and len(want[1]) == 3 and all(type(d) is int and d >= 1 for d in want[1])):
+            raise CorruptSnapshot(f"tensor {name} is not in the model layout")
+        out[name] = (want[0], tuple(want[1]))
+    return out
+
+
+def _positional(blobs, rec, segs, tensors, n, read):
+    """Positional KV of the first ``n`` tokens, read extent by extent into buffers with decode headroom."""
+    from . import codec
+
+    specs = _positional_specs(rec.layout, tensors)
+    if not specs:
+        return {}
+    cap = codec.headroom(n)
+    dests = {}
+    pos = 0
+    for e in rec.extents:
+        if pos >= n:
+            break
+        take = min(e.rows, n - pos)
+        seg = segs[e.segment]
+        if seg.start is not None and seg.start != pos:
+            raise CorruptSnapshot(f"segment {e.segment.hex()} holds tokens from {seg.start}, not {pos}")
+        with blobs.open(e.segment.hex(), seg.size, seg.header_sum) as r:
+            for name, (sdtype, (b, h, x)) in specs.items():
+                shape = r.shape(name)
+                if r.dtype(name) != sdtype or len(shape) != 4 or (shape[0], shape[1], shape[3]) != (b, h, x):
+                    raise CorruptSnapshot(f"segment tensor {name} has shape {shape} {r.dtype(name)}")
+                if shape[2] < take:
+                    raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
+                if name not in dests:
+                    # allocated only once a real blob has shown these shapes
+                    dests[name] = np.zeros((b, h, cap, x), dtype=DTYPES[sdtype])
+                dest = dests[name]
+                r.read_rows(name, take, dest.reshape(-1, cap, x)[:, pos : pos + take, :])
+            read[0] += r.bytes_read
+        pos += take
+    if pos < n:
+        raise CorruptSnapshot(f"segments cover {pos} of {n} tokens")
+    return {name: codec.to_mx(dests[name], specs[name][0]) for name in specs}
+
+
+def _state(blobs, rec, tensors, read):
+    """The snapshot's own state tensors, each checked against the model's layout."""
+    from . import codec
+
+    st = rec.state
+    out = {}
+    with blobs.open(st.blob.hex(), st.size, st.header_sum) as r:
+        for name in r.tensors:
+            arr = r.read(name)
+            want = tensors.get(name)
+            if not isinstance(want, list) or len(want) != 2 or want[0] != r.dtype(name):
+                raise CorruptSnapshot(f"state tensor {name} is not in the model layout")
+            shape = list(arr.shape)
+            if name.endswith((".k", ".v")):
+                shape = [shape[0], shape[1], shape[3]] if len(shape) == 4 else shape
+            if shape != list(want[1]):
+                raise CorruptSnapshot(f"state tensor {name} has shape {arr.shape}, want {want[1]}")
+            out[name] = codec.to_mx(arr, r.dtype(name))
+        read[0] += r.bytes_read
+    return out

@@ -1,0 +1,138 @@
+"""gc: housekeeping of a local store folder, with a grace period.
+
+Removes temp files and blob files no record references once they are older
+than the grace period (a put in flight writes its blob before indexing
+it), records whose blobs are missing or of the wrong size (a corrupt one is
+quarantined), segment records no snapshot uses and access records of
+deleted snapshots, and clears the reader slots of dead processes. Every
+deletion is re-checked against what the scan saw, so gc next to live
+writers never removes what another process just stored. Never on the
+request path.
+"""
+
+import stat
+import time
+from collections import Counter
+
+from ..blobs import SUFFIX, is_blob_id
+from ..errors import CorruptSnapshot
+from ..records import decode_segment, decode_snapshot
+from ..reports import Problem
+
+
+def _scan(store):
+    """Records, segments and access keys as one view saw them."""
+    with store.index.read() as r:
+        raws = dict(r.snapshots())
+        segs = dict(r.segments())
+        accs = list(r.access_keys())
+    snaps = {}
+    for kb, raw in raws.items():
+        try:
+            snaps[kb] = decode_snapshot(raw)
+        except CorruptSnapshot:
+            snaps[kb] = None
+    return raws, segs, accs, snaps
+
+
+def _sizes(segs):
+    out = {}
+    for sid, raw in segs.items():
+        try:
+            out[sid] = decode_segment(raw).size
+        except CorruptSnapshot:
+            out[sid] = None
+    return out
+
+
+def _temp_files(store, now, grace, dry_run, found):
+    for name, st in store.blobs.temp_files():
+        if now - st.st_mtime >= grace:
+            found.append(Problem("temp", None, None, f"temp file {name}"))
+            if not dry_run:
+                store.blobs.remove_temp(name)
+
+
+def _blob_files(store, wanted, now, grace, dry_run, found):
+    """Orphaned files under blobs/; return ``{blob id: size}`` of the blob files present."""
+    on_disk = {}
+    for sub, name, st in store.blobs.listing():
+        if name is None:
+            found.append(Problem("orphan", None, None, f"blobs/{sub} is not a folder"))
+            continue
+        blob_id = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else None
+        if blob_id and is_blob_id(blob_id) and blob_id[:2] == sub and stat.S_ISREG(st.st_mode):
+            on_disk[blob_id] = st.st_size
+            if blob_id in wanted or now - st.st_mtime < grace:
+                continue
+        elif now - st.st_mtime < grace:
+            continue
+        found.append(Problem("orphan", None, blob_id, f"unreferenced file blobs/{sub}/{name}"))
+        if not dry_run:
+            store.blobs.remove_file(sub, name)
+    return on_disk
+
+
+def gc(store, grace=3600.0, dry_run=False):
+    """``[Problem]`` for what was (or, with ``dry_run``, would be) cleaned."""
+    found, now = [], time.time()
+    store.index.clear_stale_readers()
+    _temp_files(store, now, grace, dry_run, found)
+    raws, segs, accs, snaps = _scan(store)
+    sizes = _sizes(segs)
+    wanted, users = {}, Counter()
+    for kb, snap in snaps.items():
+        for e in snap.extents if snap else ():
+            users[e.segment] += 1
+            wanted[e.segment.hex()] = (kb, sizes.get(e.segment))
+        if snap and snap.state:
+            wanted[snap.state.blob.hex()] = (kb, snap.state.size)
+    on_disk = _blob_files(store, wanted, now, grace, dry_run, found)
+    bad = []
+    for blob_id, (kb, size) in wanted.items():
+        if blob_id not in on_disk:
+            bad.append(Problem("missing", kb.hex(), blob_id, "blob file is missing"))
+        elif size is not None and on_disk[blob_id] != size:
+            bad.append(Problem("corrupt", kb.hex(), blob_id, f"blob is {on_disk[blob_id]} bytes, index says {size}"))
+    broken = set()
+    if bad:
+        # a snapshot deleted (or deleted and stored again) by another
+        # process since the scan took its blobs with it: not a fault
+        with store.index.read() as r:
+            broken = {kb for kb in {bytes.fromhex(p.key) for p in bad} if r.snapshot(kb) == raws[kb]}
+        bad = [p for p in bad if bytes.fromhex(p.key) in broken]
+        found.extend(bad)
+        if not dry_run:
+            for p in bad:
+                if p.kind == "corrupt" and store.blobs.quarantine(p.blob):
+                    store._count("quarantined")
+    stale_segs = [s for s in segs if users[s] == 0]
+    stale_acc = [k for k in accs if k not in raws]
+    for s in stale_segs:
+        found.append(Problem("segment", None, s.hex(), "segment record no snapshot uses"))
+    if not dry_run:
+        for kb in broken:
+            store.remove(kb, expect=raws[kb])
+        _drop_stale(store, segs, stale_segs, stale_acc)
+    return found
+
+
+def _drop_stale(store, segs, stale_segs, stale_acc):
+    """Delete stale segment and access records still as scanned, then the segments' blobs."""
+    if not stale_segs and not stale_acc:
+        return
+
+    def tx(w):
+        dropped = []
+        for s in stale_segs:
+            # a put that claimed the segment since the scan changed its record
+            if w.segment(s) == segs[s]:
+                w.delete_segment(s)
+                dropped.append(s.hex())
+        for k in stale_acc:
+            if w.snapshot(k) is None:
+                w.delete_access(k)
+        return dropped
+
+    for blob_id in store.index.write(tx):
+        store.blobs.unlink(blob_id)

@@ -1,0 +1,201 @@
+"""Matching: which stored snapshot may serve a prompt, as pure code.
+
+Given an index view and the token chain of a request, ``plan_fetch`` lists
+the safe candidates, best first: the exact entry (trimmable snapshots only:
+it is served one token short, so the remainder is never empty), the longest
+stored prefix shorter than the request, and the shared prefix of a longer
+trimmable snapshot. A snapshot that cannot be trimmed (recurrent state, a
+window that has slid) is only ever a candidate at the exact length it was
+stored. ``dedup_base`` finds the stored segments a new snapshot can share.
+
+Hashes only find candidates: every plan's record holds the tokens it
+serves, compared here. The loader compares them again before a byte is
+used. This module reads an ``IndexReader`` and nothing else: no files, no
+LMDB, no MLX.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CorruptSnapshot
+from .records import FORMAT_VERSION, Extent, Snapshot, decode_snapshot, snapshot_from, unpack
+
+MAX_CANDIDATES = 16
+MAX_PLANS = 3
+# on a tie in tokens served, the preferred kind (an exact-length checkpoint first)
+RANK = {"shorter": 0, "exact": 1, "longer": 2}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Serve ``tokens`` tokens of the request from snapshot ``key``.
+
+    ``kind`` is ``"exact"`` (the whole request is stored; served one token
+    short), ``"shorter"`` (a stored prefix of the request) or ``"longer"``
+    (the shared prefix of a longer trimmable snapshot).
+    """
+
+    key: bytes
+    tokens: int
+    kind: str
+    record: Snapshot
+
+
+@dataclass
+class Plans:
+    """Candidate plans best first, and the records found damaged on the way."""
+
+    plans: list = field(default_factory=list)
+    corrupt: list = field(default_factory=list)  # [(key, CorruptSnapshot)]
+
+
+@dataclass(frozen=True)
+class DedupBase:
+    """Extents of stored segments covering the first ``tokens`` tokens of a new snapshot."""
+
+    extents: tuple = ()
+    tokens: int = 0
+
+
+class _Records:
+    """Records of one model read through one view; damaged ones noted, never raised."""
+
+    def __init__(self, reader, fingerprint, skip):
+        self.reader, self.fp, self.skip = reader, str(fingerprint), skip
+        self.corrupt = []
+        self._seen = {}
+
+    def get(self, key):
+        if key not in self._seen:
+            self._seen[key] = self._read(key)
+        return self._seen[key]
+
+    def _read(self, key):
+        if self.skip is not None and self.skip(key):
+            return None
+        raw = self.reader.snapshot(key)
+        if raw is None:
+            return None
+        try:
+            rec = unpack(raw)
+            if rec.get("v") != FORMAT_VERSION or rec.get("fp") != self.fp:
+                return None  # another model's or another version's: not ours, not damaged
+            return snapshot_from(rec)
+        except CorruptSnapshot as exc:
+            self.corrupt.append((key, exc))
+            return None
+
+
+def deepest_link(reader, chain, limit):
+    """The deepest ``k <= limit`` with ``chain.links[k]`` passed through by a stored snapshot (0 if none)."""
+    lo, hi = 0, min(limit, len(chain.links) - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if reader.passes_through(chain.links[mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def common_prefix(record, toks, limit):
+    """How many leading tokens of ``toks`` (at most ``limit``) the record holds."""
+    other = record.token_ids()
+    m = min(len(other), len(toks), limit)
+    diff = np.flatnonzero(other[:m] != toks[:m])
+    return int(diff[0]) if diff.size else m
+
+
+def plan_fetch(reader, chain, fingerprint, skip=None):
+    """The safe ``Plan``\\ s for ``chain``'s tokens, best first (most tokens; on a
+    tie an exact-length checkpoint), at most ``MAX_PLANS``.
+
+    ``skip(key)`` leaves out snapshots the caller knows not to try (ones
+    that just failed to load).
+    """
+    records = _Records(reader, fingerprint, skip)
+    m, block, toks = len(chain), chain.block, chain.tokens
+    if m < 2:
+        return Plans()  # whatever is served, one token must be left to prefill
+    out = []
+    exact = chain.key(m)
+    rec = records.get(exact)
+    if rec is not None and rec.n_tokens == m and rec.same_tokens(toks) and rec.trimmable:
+        out.append(Plan(exact, m - 1, "exact", rec))
+    k = deepest_link(reader, chain, m // block)
+    out += _longer(records, reader, chain, k)
+    shorter = _shorter(records, reader, chain, k)
+    if shorter is not None:
+        out.append(shorter)
+    out.sort(key=lambda p: (-p.tokens, RANK[p.kind]))
+    return Plans(out[:MAX_PLANS], records.corrupt)
+
+
+def _longer(records, reader, chain, k):
+    """Longer (or equal) trimmable snapshots sharing a prefix with the request
+    (``k``: the deepest block link a stored snapshot passes through)."""
+    m, block = len(chain), chain.block
+    cands = reader.links_through(chain.links[k], MAX_CANDIDATES) if k > 0 else []
+    cands += [key for _n, key in reader.ends_at(chain.links[m // block], 2 * MAX_CANDIDATES - len(cands))]
+    out = []
+    for cand in dict.fromkeys(cands):
+        rec = records.get(cand)
+        if rec is None or not rec.trimmable:
+            continue
+        common = min(common_prefix(rec, chain.tokens, m), m - 1)
+        if 0 < common < rec.n_tokens:
+            out.append(Plan(cand, common, "longer", rec))
+    return out
+
+
+def _shorter(records, reader, chain, k):
+    """The longest stored snapshot that is a strict prefix of the request."""
+    m, block = len(chain), chain.block
+    for level in range(min(k, (m - 1) // block), -1, -1):
+        found = None
+        for n, key in reader.ends_at(chain.links[level], None):
+            if n >= m or n == 0 or chain.key(n) != key:
+                continue
+            rec = records.get(key)
+            if rec is not None and rec.n_tokens == n and rec.same_tokens(chain.tokens, n):
+                if found is None or n > found.tokens:
+                    found = Plan(key, n, "shorter", rec)
+        if found is not None:
+            return found
+    return None
+
+
+def dedup_base(reader, chain, n, fingerprint, layout_id):
+    """Stored segments a new snapshot of ``chain``'s first ``n`` tokens can share.
+
+    Only segments of the same model and exact layout (plain and quantised
+    KV differ) are shared, and only for tokens the other snapshot holds.
+    """
+    k = deepest_link(reader, chain, n // chain.block)
+    if k == 0:
+        return DedupBase()
+    best, best_rec = 0, None
+    for cand in reader.links_through(chain.links[k], MAX_CANDIDATES):
+        raw = reader.snapshot(cand)
+        if raw is None:
+            continue
+        try:
+            rec = decode_snapshot(raw)
+        except CorruptSnapshot:
+            continue
+        if not rec.extents or rec.fingerprint != str(fingerprint) or rec.layout_id != layout_id:
+            continue
+        common = common_prefix(rec, chain.tokens, n)
+        if common > best:
+            best, best_rec = common, rec
+    if best_rec is None:
+        return DedupBase()
+    base, covered = [], 0
+    for e in best_rec.extents:
+        if covered >= best:
+            break
+        take = min(e.rows, best - covered)
+        base.append(Extent(e.segment, take))
+        covered += take
+    return DedupBase(tuple(base), covered)

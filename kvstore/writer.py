@@ -1,0 +1,137 @@
+"""The write-behind queue: snapshots written to a store off the caller's thread.
+
+A bounded queue and the one thread that drains it. ``submit`` never does
+disk I/O or serialisation: a full queue either drops the snapshot or waits
+a bounded time (policy ``drop`` / ``wait``), counted either way. The writer
+runs no MLX graph work (arrays are evaluated before they are queued) and a
+store fault is a failed write, counted, never raised to anyone.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger("kvstore")
+
+POLICIES = ("drop", "wait")
+
+
+@dataclass
+class Write:
+    """One queued snapshot: ``cache`` holds exactly ``tokens`` of model ``fp``."""
+
+    fp: str
+    tokens: list
+    cache: list
+    tier: str
+    nbytes: int = field(default=0)
+    tenant: object = None
+
+
+class WriteBehind:
+    """A bounded queue of snapshots and the one thread that writes them.
+
+    ``count(name, n=1)`` receives the queue's counters (``writes.queued`` /
+    ``done`` / ``dropped`` / ``failed``, ``queue.waits``, ``bytes.written``).
+    """
+
+    def __init__(self, store, size, policy, timeout, count):
+        self.store = store
+        self.size = size
+        self.policy = policy
+        self.timeout = timeout
+        self.count = count
+        self.queue = deque()
+        self.busy = 0
+        self.closed = False
+        self.cv = threading.Condition()
+        self.thread = None
+
+    def submit(self, item):
+        with self.cv:
+            if self.closed:
+                self.count("writes.dropped")
+                return False
+            if len(self.queue) >= self.size:
+                if self.policy == "wait":
+                    t = time.monotonic()
+                    self.cv.wait_for(lambda: len(self.queue) < self.size or self.closed, self.timeout)
+                    self.count("queue.waits")
+                    self.count("queue.wait_ms", int((time.monotonic() - t) * 1000))
+                if len(self.queue) >= self.size or self.closed:
+                    self.count("writes.dropped")
+                    return False
+            self.queue.append(item)
+            self.count("writes.queued")
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="kvstore-writer", daemon=True)
+                self.thread.start()
+            self.cv.notify_all()
+            return True
+
+    def _run(self):
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: self.queue or self.closed)
+                if not self.queue:
+                    return
+                item = self.queue.popleft()
+                self.busy = 1
+                self.cv.notify_all()
+            try:
+                self._write(item)
+            finally:
+                item = None
+                with self.cv:
+                    self.busy = 0
+                    self.cv.notify_all()
+
+    def _write(self, item):
+        store = self.store
+        before = store.counters["bytes_written"]
+        try:
+            key = store.put(item.fp, item.tokens, item.cache, item.tier, tenant=item.tenant)
+        except Exception as exc:  # fail open: a bad snapshot is a dropped write
+            log.warning("kvstore write of %d tokens failed: %s: %s", len(item.tokens), type(exc).__name__, exc)
+            key = None
+        if key is None:
+            self.count("writes.failed")
+            self.count("disk.faults")
+        else:
+            self.count("writes.done")
+            self.count("bytes.written", max(0, store.counters["bytes_written"] - before))
+
+    def depth(self):
+        with self.cv:
+            return len(self.queue), self.busy
+
+    def flush(self, timeout=None):
+        with self.cv:
+            return self.cv.wait_for(lambda: not self.queue and not self.busy, timeout)
+
+    def close(self, timeout=None):
+        done = self.flush(timeout)
+        with self.cv:
+            self.closed = True
+            lost = len(self.queue)
+            self.queue.clear()
+            self.cv.notify_all()
+        if lost:
+            self.count("writes.dropped", lost)
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return done
+
+
+def shutdown(writer, store, timeout):
+    """Write what is queued, stop the writer, close an owned store (also at exit or collection)."""
+    done = writer.close(timeout)
+    if store is not None and (writer.thread is None or not writer.thread.is_alive()):
+        try:
+            store.close()
+        except Exception as exc:
+            writer.count("disk.faults")
+            log.warning("kvstore close failed: %s: %s", type(exc).__name__, exc)
+    return done
