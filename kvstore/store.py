@@ -50,10 +50,12 @@ LOAD_FAULTS = (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexE
 
 
 class SnapshotStore:
-    """A directory of snapshots shared by any number of processes.
+    """A place of snapshots shared by any number of processes.
 
     Args:
-        path: the store directory; created (0700) if missing.
+        path: the store directory (created 0700 if missing), or a backend
+            object (``kvstore.backends.base.Backend``: an index and blobs
+            elsewhere), in which case the folder options below do not apply.
         map_size: LMDB map size in bytes, fixed when the store is created.
         block_tokens: token block size of the key chain, fixed at creation.
         max_bytes: optional disk budget; ``put`` evicts a bounded number of
@@ -65,11 +67,15 @@ class SnapshotStore:
 
     def __init__(self, path, *, map_size=None, block_tokens=None, max_bytes=None,
                  readonly=False, fsync=True, access_flush=5.0):
-        self.backend = LocalFolder(path, map_size=map_size, block_tokens=block_tokens, readonly=readonly,
-                                   fsync=fsync)
-        self.path, self.block, self.map_size = self.backend.path, self.backend.block, self.backend.map_size
-        self.index, self.blobs, self.file_digests = self.backend.index, self.backend.blobs, self.backend.file_digests
-        self.readonly, self.fsync, self.max_bytes = readonly, fsync, max_bytes
+        if hasattr(path, "index") and hasattr(path, "blobs"):
+            self.backend = path
+        else:
+            self.backend = LocalFolder(path, map_size=map_size, block_tokens=block_tokens, readonly=readonly,
+                                       fsync=fsync)
+        b = self.backend
+        self.path, self.block, self.map_size = b.path, b.block, getattr(b, "map_size", None)
+        self.index, self.blobs, self.file_digests = b.index, b.blobs, getattr(b, "file_digests", None)
+        self.readonly, self.fsync, self.max_bytes = b.readonly, fsync, max_bytes
         # this process's counters; written by the caller's and writer threads
         self.counters = Counter()
         self._count_lock = threading.Lock()

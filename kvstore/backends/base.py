@@ -108,3 +108,24 @@ class Blobs(Protocol):
 
     def unlink(self, blob_id: str) -> None:
         """Remove a blob; one already gone is not an error."""
+
+    def read_bytes(self, blob_id: str, size: int) -> bytes:
+        """A blob's bytes as stored (to copy it to another place), unchecked."""
+
+    def write_bytes(self, blob_id: str, data) -> None:
+        """Store the bytes of a blob under its own id (a copy from another place; the
+        caller verifies it with ``open`` before any index points at it)."""
+
+
+class Backend(Protocol):
+    """One place that keeps snapshots: an index, blobs and the settings every
+    process using it agrees on (``block``: tokens per chain link)."""
+
+    index: Index
+    blobs: Blobs
+    block: int
+    readonly: bool
+    path: object  # where it is, for people (a folder, a URL)
+    file_digests: object  # the weight-digest cache, or None where the backend has none
+
+    def close(self) -> None: ...

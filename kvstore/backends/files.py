@@ -13,7 +13,7 @@ import errno
 import os
 import stat
 
-from ..blobs import SUFFIX, BlobReader, encode, is_blob_id
+from ..blobs import SUFFIX, BlobReader, encode, is_blob_id, new_id
 from ..errors import CorruptSnapshot
 from ..records import BlobRef
 
@@ -190,6 +190,30 @@ class FileBlobs:
             pass
         finally:
             os.close(sub)
+
+    def read_bytes(self, blob_id, size):
+        """The blob file's bytes (at most ``size``), unchecked."""
+        with self.open_file(blob_id) as f:
+            return f.read(size)
+
+    def write_bytes(self, blob_id, data):
+        """Write ``data`` as blob ``blob_id`` (tmp, fsync, rename); a blob already in place is kept."""
+        if not is_blob_id(blob_id):
+            raise CorruptSnapshot(f"bad blob id {blob_id!r}")
+        tmp_fd = self.folder.fd("tmp")
+        tmp_name = f"{blob_id}.copy.{new_id()[:8]}"
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600, dir_fd=tmp_fd)
+        try:
+            try:
+                _write_all(fd, data)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if not self.exists(blob_id):
+                self.adopt(tmp_name, blob_id)
+        finally:
+            self.remove_temp(tmp_name)
 
     def adopt(self, tmp_name, blob_id):
         """Move a verified temp file into place as blob ``blob_id`` (an import)."""

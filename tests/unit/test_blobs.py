@@ -168,3 +168,19 @@ def test_links_are_never_followed(dirs, tmp_path):
     os.link(p, tmp_path / "second")
     with pytest.raises(CorruptSnapshot, match="hard links"):
         blobs.open(blob_id, size, hs)
+
+
+def test_a_blob_is_copied_by_its_bytes_under_its_own_id(dirs, tmp_path):
+    root, blobs = dirs
+    blob_id, size, hs = write(blobs, {"k": ("F32", np.arange(40, dtype=np.float32).reshape(1, 2, 5, 4), 2)})
+    data = blobs.read_bytes(blob_id, size)
+    other_root = tmp_path / "other"
+    for sub in ("blobs", "tmp"):
+        (other_root / sub).mkdir(parents=True, mode=0o700)
+    other = FileBlobs(Folder(other_root))
+    other.write_bytes(blob_id, data)
+    other.write_bytes(blob_id, b"not the same blob")  # a blob already in place is kept
+    with other.open(blob_id, size, hs) as r:
+        r.verify()
+    assert list((other_root / "tmp").iterdir()) == []
+    assert oct(path_of(other_root, blob_id).stat().st_mode & 0o777) == "0o600"
