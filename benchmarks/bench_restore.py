@@ -104,7 +104,7 @@ class Stages:
         import kvstore.store as S
 
         self._wrap(S, "as_tokens", "keys")
-        self._wrap(S, "TokenChain", "keys")
+        self._wrap(S.ChainCache, "chain", "keys")
         self._wrap(S.SnapshotStore, "_plans", "plan")
         self._wrap(M.MemoryTier, "plan", "mem_plan")
         self._wrap(B.BlobReader, "_parse", "open")

@@ -69,6 +69,14 @@ def st_dtype(a):
     return _MX_TO_ST[a.dtype]
 
 
+def mx_dtype(sdtype):
+    """The MLX dtype of a safetensors dtype name (``CorruptSnapshot`` if MLX has none)."""
+    try:
+        return _ST_TO_MX[sdtype]
+    except KeyError:
+        raise CorruptSnapshot(f"no MLX dtype for {sdtype!r}") from None
+
+
 def to_mx(arr, sdtype):
     """Build an ``mx.array`` from a numpy container in safetensors dtype ``sdtype``."""
     out = mx.array(arr)

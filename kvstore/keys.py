@@ -7,8 +7,11 @@ keyed by the last full-block link. Hashes only find candidates: stored tokens
 are compared on every hit. This module never touches disk.
 """
 
+import array
 import hashlib
 import sys
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -25,6 +28,32 @@ def as_tokens(tokens, vocab_size=None):
     ``InvalidInput`` for non-integers, negatives, values past int32 or past
     ``vocab_size``, and for anything that is not one-dimensional.
     """
+    arr = _fast_list(tokens) if isinstance(tokens, (list, tuple)) else None
+    if arr is None:
+        arr = _any_sequence(tokens)
+    if arr.size == 0:
+        return np.zeros(0, dtype="<i4")
+    lo, hi = arr.min(), arr.max()
+    if lo < 0:
+        raise InvalidInput(f"token {int(lo)} is negative")
+    limit = MAX_TOKEN if vocab_size is None else vocab_size - 1
+    if hi > limit:
+        raise InvalidInput(f"token {int(hi)} is outside the vocabulary (max {limit})")
+    return arr.astype("<i4", copy=False)
+
+
+def _fast_list(tokens):
+    """A list of Python ints as an int32 array in one C pass (``None``: take the general path,
+    which says precisely what is wrong)."""
+    if array.array("i").itemsize != 4 or (tokens and type(tokens[0]) is bool):
+        return None
+    try:
+        return np.frombuffer(array.array("i", tokens), dtype=np.int32)
+    except (TypeError, OverflowError):
+        return None
+
+
+def _any_sequence(tokens):
     if hasattr(tokens, "tolist") and not isinstance(tokens, np.ndarray):
         tokens = tokens.tolist()  # mx.array
     try:
@@ -33,17 +62,9 @@ def as_tokens(tokens, vocab_size=None):
         raise InvalidInput(f"tokens are not a sequence of integers: {exc}") from exc
     if arr.ndim != 1:
         raise InvalidInput(f"tokens must be one-dimensional, got shape {arr.shape}")
-    if arr.size == 0:
-        return np.zeros(0, dtype="<i4")
-    if arr.dtype.kind not in "iu":
+    if arr.size and arr.dtype.kind not in "iu":
         raise InvalidInput(f"tokens must be integers, got {arr.dtype}")
-    lo, hi = arr.min(), arr.max()
-    if lo < 0:
-        raise InvalidInput(f"token {int(lo)} is negative")
-    limit = MAX_TOKEN if vocab_size is None else vocab_size - 1
-    if hi > limit:
-        raise InvalidInput(f"token {int(hi)} is outside the vocabulary (max {limit})")
-    return arr.astype("<i4", copy=False)
+    return arr
 
 
 def tenant_salt(tenant):
@@ -86,21 +107,24 @@ class TokenChain:
 
     ``links[k]`` is the hash of the first ``k * block`` tokens (``links[0]`` is
     the namespace root). ``key(n)`` is the snapshot key of the first ``n`` tokens.
+    ``known`` may give the first links already computed (by a chain of the same
+    root whose tokens agree that far): only the blocks after them are hashed.
     """
 
     __slots__ = ("tokens", "block", "links", "_raw")
 
-    def __init__(self, root, tokens, block):
+    def __init__(self, root, tokens, block, known=None):
         self.tokens = tokens
         self.block = block
         raw = tokens.tobytes() if sys.byteorder == "little" else tokens.astype("<i4").tobytes()
         self._raw = raw
+        mv = memoryview(raw)
         step = 4 * block
-        links = [root]
-        h = root
+        links = list(known) if known else [root]
+        h = links[-1]
         b2 = hashlib.blake2b
-        for k in range(len(tokens) // block):
-            h = b2(raw[k * step : (k + 1) * step], digest_size=DIGEST, key=h, person=b"kvstore.blk").digest()
+        for k in range(len(links) - 1, len(tokens) // block):
+            h = b2(mv[k * step : (k + 1) * step], digest_size=DIGEST, key=h, person=b"kvstore.blk").digest()
             links.append(h)
         self.links = links
 
@@ -114,3 +138,42 @@ class TokenChain:
         return hashlib.blake2b(
             tail + n.to_bytes(8, "little"), digest_size=DIGEST, key=self.links[k], person=b"kvstore.key"
         ).digest()
+
+
+class ChainCache:
+    """The chains of the last few requests, so the next request of a
+    conversation hashes only the blocks it adds.
+
+    ``chain(root, tokens, block)`` reuses the links of the cached chain with
+    the same root that shares the most leading tokens (compared, not
+    assumed). Thread-safe; holds at most ``size`` chains.
+    """
+
+    def __init__(self, size=16):
+        self.size = size
+        self._chains = OrderedDict()  # (root, block, id) -> TokenChain
+        self._lock = threading.Lock()
+        self._next = 0
+
+    def chain(self, root, tokens, block):
+        best, best_k, best_id = None, 0, None
+        with self._lock:
+            cands = [(cid, c) for (r, b, cid), c in self._chains.items() if r == root and b == block]
+        for cid, c in cands:
+            m = min(len(c.tokens), len(tokens))
+            diff = np.flatnonzero(c.tokens[:m] != tokens[:m])
+            k = (int(diff[0]) if diff.size else m) // block
+            if k > best_k:
+                best, best_k, best_id = c, k, cid
+        chain = TokenChain(root, tokens, block, best.links[: best_k + 1] if best is not None else None)
+        with self._lock:
+            if best is not None and len(tokens) <= len(best.tokens) and best_k == len(tokens) // block:
+                self._chains.move_to_end((root, block, best_id))  # nothing new: keep the longer one
+            else:
+                if best is not None and len(tokens) >= len(best.tokens):
+                    self._chains.pop((root, block, best_id), None)  # this request extends it
+                self._next += 1
+                self._chains[(root, block, self._next)] = chain
+                while len(self._chains) > self.size:
+                    self._chains.popitem(last=False)
+        return chain

@@ -8,6 +8,11 @@ rebuilds mlx-lm cache objects with decode headroom. Every check failing is
 ``CorruptSnapshot`` (the caller counts it and treats it as a miss); nothing
 is handed to MLX before its shape and dtype match the model's layout.
 This module holds no index transaction during blob I/O.
+
+Bytes are read once, straight into the memory of the MLX arrays the cache
+will hold, where MLX's memory is the host's (the CPU device, and Apple
+silicon's unified memory); under a device with memory of its own (CUDA)
+they are read into host buffers and copied to the device once.
 """
 
 import numpy as np
@@ -15,6 +20,41 @@ import numpy as np
 from .blobs import DTYPES
 from .errors import CorruptSnapshot
 from .records import decode_model, decode_segment
+
+
+def _unified():
+    import mlx.core as mx
+
+    return mx.default_device().type == mx.cpu or mx.metal.is_available()
+
+
+def alloc(shapes):
+    """Zeroed buffers for ``{name: (shape, sdtype)}``: ``{name: (array, host)}`` with
+    ``array`` an MLX array (or ``None``) and ``host`` a writable numpy view of
+    its memory in the container dtype of ``sdtype``.
+
+    All arrays are made in one evaluation. Where MLX's memory is not the
+    host's, ``array`` is ``None`` and ``host`` a numpy buffer to copy to the
+    device with ``codec.to_mx`` once it is full.
+    """
+    import mlx.core as mx
+
+    from . import codec
+
+    out = {}
+    if _unified():
+        arrs = {name: mx.zeros(shape, dtype=codec.mx_dtype(sd)) for name, (shape, sd) in shapes.items()}
+        mx.eval(list(arrs.values()))
+        for name, arr in arrs.items():
+            shape, sd = shapes[name]
+            container = np.dtype(DTYPES[sd])
+            mv = memoryview(arr)
+            if not mv.readonly and mv.c_contiguous and mv.nbytes == container.itemsize * int(np.prod(shape)):
+                out[name] = (arr, np.frombuffer(mv.cast("B"), dtype=container).reshape(shape))
+    for name, (shape, sd) in shapes.items():
+        if name not in out:
+            out[name] = (None, np.zeros(shape, dtype=np.dtype(DTYPES[sd])))
+    return out
 
 
 def load(index, blobs, plan, fingerprint, toks):
@@ -82,7 +122,7 @@ def _positional(blobs, rec, segs, tensors, n, read):
     if not specs:
         return {}
     cap = codec.headroom(n)
-    dests = {}
+    dests = None
     pos = 0
     for e in rec.extents:
         if pos >= n:
@@ -98,35 +138,36 @@ def _positional(blobs, rec, segs, tensors, n, read):
                     raise CorruptSnapshot(f"segment tensor {name} has shape {shape} {r.dtype(name)}")
                 if shape[2] < take:
                     raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
-                if name not in dests:
-                    # allocated only once a real blob has shown these shapes
-                    dests[name] = np.zeros((b, h, cap, x), dtype=DTYPES[sdtype])
-                dest = dests[name]
-                r.read_rows(name, take, dest.reshape(-1, cap, x)[:, pos : pos + take, :])
+            if dests is None:
+                # allocated only once a real blob has shown these shapes
+                dests = alloc({name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()})
+            for name, (_sd, (b, h, x)) in specs.items():
+                r.read_rows(name, take, dests[name][1].reshape(-1, cap, x)[:, pos : pos + take, :])
             read[0] += r.bytes_read
         pos += take
     if pos < n:
         raise CorruptSnapshot(f"segments cover {pos} of {n} tokens")
-    return {name: codec.to_mx(dests[name], specs[name][0]) for name in specs}
+    return {name: arr if arr is not None else codec.to_mx(host, specs[name][0])
+            for name, (arr, host) in dests.items()}
 
 
 def _state(blobs, rec, tensors, read):
-    """The snapshot's own state tensors, each checked against the model's layout."""
+    """The snapshot's own state tensors, each checked against the model's layout before it is read."""
     from . import codec
 
     st = rec.state
     out = {}
     with blobs.open(st.blob.hex(), st.size, st.header_sum) as r:
         for name in r.tensors:
-            arr = r.read(name)
+            sdtype, shape = r.dtype(name), list(r.shape(name))
             want = tensors.get(name)
-            if not isinstance(want, list) or len(want) != 2 or want[0] != r.dtype(name):
+            if not isinstance(want, list) or len(want) != 2 or want[0] != sdtype:
                 raise CorruptSnapshot(f"state tensor {name} is not in the model layout")
-            shape = list(arr.shape)
-            if name.endswith((".k", ".v")):
-                shape = [shape[0], shape[1], shape[3]] if len(shape) == 4 else shape
-            if shape != list(want[1]):
-                raise CorruptSnapshot(f"state tensor {name} has shape {arr.shape}, want {want[1]}")
-            out[name] = codec.to_mx(arr, r.dtype(name))
+            check = [shape[0], shape[1], shape[3]] if name.endswith((".k", ".v")) and len(shape) == 4 else shape
+            if check != list(want[1]):
+                raise CorruptSnapshot(f"state tensor {name} has shape {tuple(shape)}, want {want[1]}")
+            arr, host = alloc({name: (tuple(shape), sdtype)})[name]
+            r.read_into(name, host)
+            out[name] = arr if arr is not None else codec.to_mx(host, sdtype)
         read[0] += r.bytes_read
     return out

@@ -28,7 +28,7 @@ from . import listing
 from .access import AccessLog
 from .backends.local import LocalFolder
 from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable
-from .keys import TokenChain, as_tokens, namespace
+from .keys import ChainCache, as_tokens, namespace
 from .loader import load
 from .maintenance.policy import PrunePolicy
 from .matching import DedupBase, dedup_base, plan_fetch
@@ -80,7 +80,13 @@ class SnapshotStore:
         self.counters = Counter()
         self._count_lock = threading.Lock()
         self._bad = {}
+        self._chains = ChainCache()
         self.access = AccessLog(self.index, access_flush, self._fault)
+
+    def chain(self, fp, toks, tenant=None):
+        """The ``TokenChain`` of ``toks`` (an int32 array) in ``fp``'s namespace, reusing
+        the links of a recent request that shares its leading blocks."""
+        return self._chains.chain(namespace(fp, tenant), toks, self.block)
 
     @staticmethod
     def is_store(path):
@@ -144,7 +150,7 @@ class SnapshotStore:
         enc = codec.encode(cache, len(toks))
         sig = codec.signature(enc.layout, enc.positional, enc.state)
         try:
-            chain = TokenChain(namespace(fp, tenant), toks, self.block)
+            chain = self.chain(fp, toks, tenant)
             return self._put(fp, chain, enc, sig, tier, tenant is not None, dedup=True)
         except InvalidInput:
             raise
@@ -241,12 +247,12 @@ class SnapshotStore:
         caller that already holds that much in memory pays no disk I/O.
         """
         toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
-        rest_all = toks.tolist()
+        rest = (lambda n: tokens[n:]) if isinstance(tokens, list) else (lambda n: toks[n:].tolist())
         if len(toks) < 2:
             self._count("misses")
-            return None, rest_all, None
+            return None, rest(0), None
         try:
-            chain = TokenChain(namespace(fp, tenant), toks, self.block)
+            chain = self.chain(fp, toks, tenant)
             for plan in self._plans(fp, chain):
                 if plan.tokens <= min_tokens:
                     break
@@ -255,21 +261,20 @@ class SnapshotStore:
                     self._count("hits")
                     self._count("tokens_reused", plan.tokens)
                     self.access.touch(plan.key)
-                    return cache, rest_all[plan.tokens:], Match(plan.key.hex(), plan.tokens, plan.kind,
-                                                                plan.record.tier)
+                    return cache, rest(plan.tokens), Match(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
         except InvalidInput:
             raise
         except (KVStoreError, OSError) as exc:
             self._fault("fetch", exc)
         self._count("misses")
-        return None, rest_all, None
+        return None, rest(0), None
 
     def lookup(self, fp, tokens, *, tenant=None):
         """The ``Match`` ``fetch_nearest`` would try first, without loading blobs (or ``None``)."""
         toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
         if len(toks) < 2:
             return None
-        for plan in self._plans(fp, TokenChain(namespace(fp, tenant), toks, self.block)):
+        for plan in self._plans(fp, self.chain(fp, toks, tenant)):
             return Match(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
         return None
 

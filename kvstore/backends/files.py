@@ -79,16 +79,40 @@ class FileSource:
         self.size = st.st_size
 
     def readinto(self, mv, offset):
-        if hasattr(os, "preadv"):
-            return os.preadv(self.fd, [mv], offset)
-        data = os.pread(self.fd, len(mv), offset)
-        mv[: len(data)] = data
-        return len(data)
+        return self.readv([mv], offset)
+
+    def readv(self, bufs, offset):
+        """Fill ``bufs`` in order from ``offset``; the bytes read (short only at the end of the file)."""
+        got, want = 0, sum(len(b) for b in bufs)
+        while got < want:
+            if hasattr(os, "preadv"):
+                n = os.preadv(self.fd, _after(bufs, got), offset + got)
+            else:
+                mv = _after(bufs, got)[0]
+                data = os.pread(self.fd, len(mv), offset + got)
+                mv[: len(data)] = data
+                n = len(data)
+            if n <= 0:
+                break
+            got += n
+        return got
 
     def close(self):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _after(bufs, skip):
+    """``bufs`` without their first ``skip`` bytes (after a short read)."""
+    out = []
+    for b in bufs:
+        if skip >= len(b):
+            skip -= len(b)
+            continue
+        out.append(memoryview(b).cast("B")[skip:] if skip else b)
+        skip = 0
+    return out
 
 
 def _write_all(fd, data):
