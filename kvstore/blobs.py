@@ -79,22 +79,114 @@ def _chunk_sums(view, rows, chunk):
     return sums
 
 
+def _slices(arr, rows_axis):
+    """``arr`` as C-contiguous pieces in file order, without copying where it can be
+    avoided: a ``(B, H, T, X)`` slice of a larger buffer (a KV cache's rows) is
+    contiguous per (B, H) slice even when the whole is not."""
+    if arr.flags.c_contiguous:
+        return [arr]
+    if rows_axis == 2 and arr.ndim == 4 and arr[0, 0].flags.c_contiguous:
+        return [arr[b, h] for b in range(arr.shape[0]) for h in range(arr.shape[1])]
+    return [np.ascontiguousarray(arr)]
+
+
+def _piece_sums(pieces, rows_axis, shape):
+    """The chunk checksums of a tensor given as its pieces in file order."""
+    if rows_axis is None or not shape:
+        h = xxhash.xxh3_64()
+        for p in pieces:
+            h.update(memoryview(p).cast("B"))
+        return [h.intdigest()]
+    rows = shape[rows_axis]
+    if len(pieces) == 1:
+        view = _row_view(pieces[0], rows_axis)
+    else:  # one piece per leading slice, each (rows, ...)
+        view = [p.reshape(rows, -1).view(np.uint8) for p in pieces]
+    return _chunk_sums(view, rows, CHUNK_ROWS)
+
+
+def _sum_count(rows_axis, shape):
+    """How many checksums a tensor has: one per row chunk, or one over it all."""
+    if rows_axis is None or not shape:
+        return 1
+    return max(1, -(-shape[rows_axis] // CHUNK_ROWS))
+
+
+class Layout:
+    """A blob laid out for writing: the tensors' pieces in file order (no copy of
+    the tensors), their checksums once ``sum()`` has run, and the header.
+
+    The header's length does not depend on the checksums (fixed-width hex), so
+    ``data_offset`` is known before they are computed: a writer may write the
+    data while another thread computes them, and the header last.
+    """
+
+    def __init__(self, tensors, meta, blob_id=None):
+        self.blob_id = blob_id or new_id()
+        self.meta = {k: str(v) for k, v in meta.items()}
+        self.entries, self.pieces, offset = {}, [], 0
+        for name, (dtype, arr, rows_axis) in tensors.items():
+            arr = np.asarray(arr)
+            if arr.ndim == 0:
+                arr = arr.reshape(1)  # stored as one element, as earlier versions wrote it
+            parts = _slices(arr, rows_axis)
+            nbytes = sum(p.nbytes for p in parts)
+            self.entries[name] = (dtype, list(arr.shape), offset, rows_axis, parts, arr.dtype.itemsize)
+            self.pieces += [memoryview(p).cast("B") for p in parts if p.nbytes]
+            offset += nbytes
+        self.data_bytes = offset
+        self.sums = None
+        self.data_offset = len(self.head(placeholder=True))
+        self.size = self.data_offset + offset
+
+    def sum(self):
+        """Compute every tensor's chunk checksums (reads the data once; may run on another thread)."""
+        sums = {}
+        for name, (_dt, shape, _off, rows_axis, parts, _isz) in self.entries.items():
+            values = _piece_sums(parts, rows_axis, shape)
+            sums[name] = [rows_axis, CHUNK_ROWS if rows_axis is not None else 1, "".join(f"{v:016x}" for v in values)]
+        self.sums = sums
+
+    def head(self, placeholder=False):
+        """The length prefix and JSON header (checksums as zeros with ``placeholder``)."""
+        header = {}
+        sums = {}
+        for name, (dtype, shape, offset, rows_axis, parts, _isz) in self.entries.items():
+            nbytes = sum(p.nbytes for p in parts)
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            if placeholder:
+                sums[name] = [rows_axis, CHUNK_ROWS if rows_axis is not None else 1,
+                              "0" * 16 * _sum_count(rows_axis, shape)]
+        header["__metadata__"] = {
+            **self.meta,
+            "kvstore.format": str(FORMAT_VERSION),
+            "kvstore.id": self.blob_id,
+            "kvstore.sums": json.dumps(sums if placeholder else self.sums, separators=(",", ":")),
+        }
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def header_sum(self, head):
+        return xxhash.xxh3_64_intdigest(head[8:])
+
+
 class Encoded:
-    """A blob laid out for writing: ``head`` (length prefix and JSON header)
-    then the ``arrays`` in order make ``size`` bytes."""
+    """A blob ready to write: ``head`` (length prefix and JSON header) then the
+    data ``pieces`` in order make ``size`` bytes."""
 
-    __slots__ = ("blob_id", "head", "arrays", "size", "header_sum")
+    __slots__ = ("blob_id", "head", "pieces", "size", "header_sum")
 
-    def __init__(self, blob_id, head, arrays, size, header_sum):
-        self.blob_id, self.head, self.arrays, self.size, self.header_sum = blob_id, head, arrays, size, header_sum
+    def __init__(self, blob_id, head, pieces, size, header_sum):
+        self.blob_id, self.head, self.pieces, self.size, self.header_sum = blob_id, head, pieces, size, header_sum
 
     def buffers(self):
         """The blob's bytes as a list of buffers (no copy of the tensors)."""
-        return [self.head] + [memoryview(a).cast("B") for a in self.arrays]
+        return [self.head] + list(self.pieces)
 
 
 def encode(tensors, meta, blob_id=None):
-    """Lay out ``tensors`` as one blob.
+    """Lay out ``tensors`` as one blob, checksums computed.
 
     Args:
         tensors: ``{name: (dtype, array, rows_axis)}`` with a safetensors dtype
@@ -103,27 +195,10 @@ def encode(tensors, meta, blob_id=None):
         meta: extra string metadata for the header.
         blob_id: the id to give it (default: a fresh random one).
     """
-    blob_id = blob_id or new_id()
-    header, sums, offset, arrays = {}, {}, 0, []
-    for name, (dtype, arr, rows_axis) in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        arrays.append(arr)
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        view = _row_view(arr, rows_axis)
-        rows = view.shape[1]
-        chunk = CHUNK_ROWS if rows_axis is not None else max(rows, 1)
-        sums[name] = [rows_axis, chunk, "".join(f"{s:016x}" for s in _chunk_sums(view, rows, chunk))]
-    header["__metadata__"] = {
-        **{k: str(v) for k, v in meta.items()},
-        "kvstore.format": str(FORMAT_VERSION),
-        "kvstore.id": blob_id,
-        "kvstore.sums": json.dumps(sums, separators=(",", ":")),
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    head = struct.pack("<Q", len(raw)) + raw
-    return Encoded(blob_id, head, arrays, len(head) + offset, xxhash.xxh3_64_intdigest(raw))
+    lay = Layout(tensors, meta, blob_id)
+    lay.sum()
+    head = lay.head()
+    return Encoded(lay.blob_id, head, lay.pieces, lay.size, lay.header_sum(head))
 
 
 class BytesSource:

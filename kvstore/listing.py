@@ -15,6 +15,7 @@ def entries(index, fingerprint=None, tier=None):
     """Every snapshot as a ``SnapshotInfo``; a damaged record is listed with ``?`` fields."""
     out, names = [], {}
     with index.read() as r:
+        segs = _segment_sizes(r)
         for k, raw in r.snapshots():
             try:
                 snap = decode_snapshot(raw)
@@ -26,7 +27,19 @@ def entries(index, fingerprint=None, tier=None):
                 continue
             if snap.fingerprint not in names:
                 names[snap.fingerprint] = _model_name(r, snap.fingerprint)
-            out.append(_info(r, k, snap, names[snap.fingerprint]))
+            out.append(_info(r, k, snap, names[snap.fingerprint], segs))
+    return out
+
+
+def _segment_sizes(r):
+    """``{segment id: (size, users)}`` of every well-formed segment record, read in one pass."""
+    out = {}
+    for sid, raw in r.segments():
+        try:
+            seg = decode_segment(raw)
+        except CorruptSnapshot:
+            continue
+        out[sid] = (seg.size, max(seg.refs, 1))
     return out
 
 
@@ -69,17 +82,12 @@ def _model_name(r, fingerprint):
     return name or fingerprint
 
 
-def _info(r, k, snap, name):
+def _info(r, k, snap, name, segs):
     """The ``SnapshotInfo`` of one decoded record, sizes from its segment records."""
     share = shared = unique = 0
     sizes = {}
     for e in snap.extents:
-        raw = r.segment(e.segment)
-        try:
-            seg = decode_segment(raw) if raw is not None else None
-        except CorruptSnapshot:
-            seg = None
-        size, refs = (seg.size, max(seg.refs, 1)) if seg else (0, 1)
+        size, refs = segs.get(e.segment, (0, 1))
         sizes[e.segment.hex()] = size
         share += size // refs
         if refs > 1:

@@ -87,9 +87,10 @@ class _Records:
             return None
 
 
-def deepest_link(reader, chain, limit):
-    """The deepest ``k <= limit`` with ``chain.links[k]`` passed through by a stored snapshot (0 if none)."""
-    lo, hi = 0, min(limit, len(chain.links) - 1)
+def deepest_link(reader, chain, limit, known=0):
+    """The deepest ``k <= limit`` with ``chain.links[k]`` passed through by a stored snapshot (0 if none);
+    ``known``: a level already known to be passed through."""
+    lo, hi = known, min(limit, len(chain.links) - 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if reader.passes_through(chain.links[mid]):
@@ -107,27 +108,33 @@ def common_prefix(record, toks, limit):
     return int(diff[0]) if diff.size else m
 
 
-def plan_fetch(reader, chain, fingerprint, skip=None):
-    """The safe ``Plan``\\ s for ``chain``'s tokens, best first (most tokens; on a
-    tie an exact-length checkpoint), at most ``MAX_PLANS``.
+def plan_fetch(reader, chain, fingerprint, skip=None, min_tokens=0):
+    """The safe ``Plan``\\ s for ``chain``'s tokens that serve more than
+    ``min_tokens`` tokens, best first (most tokens; on a tie an exact-length
+    checkpoint), at most ``MAX_PLANS``.
 
     ``skip(key)`` leaves out snapshots the caller knows not to try (ones
-    that just failed to load).
+    that just failed to load). With ``min_tokens`` (what the caller already
+    holds), blocks that cannot beat it are not read: any snapshot sharing
+    more than ``min_tokens`` tokens passes through the link of block
+    ``(min_tokens + 1) // block``.
     """
     records = _Records(reader, fingerprint, skip)
     m, block, toks = len(chain), chain.block, chain.tokens
-    if m < 2:
+    floor = (min_tokens + 1) // block
+    if m < 2 or min_tokens >= m - 1 or (floor >= 1 and not reader.passes_through(chain.links[floor])):
         return Plans()  # whatever is served, one token must be left to prefill
     out = []
     exact = chain.key(m)
     rec = records.get(exact)
     if rec is not None and rec.n_tokens == m and rec.same_tokens(toks) and rec.trimmable:
         out.append(Plan(exact, m - 1, "exact", rec))
-    k = deepest_link(reader, chain, m // block)
+    k = deepest_link(reader, chain, m // block, floor)
     out += _longer(records, reader, chain, k)
-    shorter = _shorter(records, reader, chain, k)
+    shorter = _shorter(records, reader, chain, k, floor)
     if shorter is not None:
         out.append(shorter)
+    out = [p for p in out if p.tokens > min_tokens]
     out.sort(key=lambda p: (-p.tokens, RANK[p.kind]))
     return Plans(out[:MAX_PLANS], records.corrupt)
 
@@ -149,10 +156,10 @@ def _longer(records, reader, chain, k):
     return out
 
 
-def _shorter(records, reader, chain, k):
-    """The longest stored snapshot that is a strict prefix of the request."""
+def _shorter(records, reader, chain, k, floor=0):
+    """The longest stored snapshot that is a strict prefix of the request (ending at level ``floor`` or deeper)."""
     m, block = len(chain), chain.block
-    for level in range(min(k, (m - 1) // block), -1, -1):
+    for level in range(min(k, (m - 1) // block), floor - 1, -1):
         found = None
         for n, key in reader.ends_at(chain.links[level], None):
             if n >= m or n == 0 or chain.key(n) != key:

@@ -44,6 +44,8 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 BAD_TTL = 60.0
 # snapshots the store's own budget deletes at most per put
 EVICT_PER_PUT = 8
+# snapshots deleted in one index transaction by prune and the budget
+DELETE_BATCH = 256
 # loading faults: anything a damaged record or blob can make the restore path raise
 LOAD_FAULTS = (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError,
                OverflowError, MemoryError, RuntimeError)
@@ -240,33 +242,34 @@ class SnapshotStore:
         cache, rest, _ = self.fetch(fp, tokens, tenant=tenant)
         return cache, rest
 
-    def fetch(self, fp, tokens, *, tenant=None, min_tokens=0):
+    def fetch(self, fp, tokens, *, tenant=None, min_tokens=0, record=True):
         """``fetch_nearest`` that also returns the ``Match`` it used (or ``None``).
 
-        Matches serving ``min_tokens`` tokens or fewer are not loaded: a
+        Matches serving ``min_tokens`` tokens or fewer are not looked at: a
         caller that already holds that much in memory pays no disk I/O.
+        ``record=False`` counts no hit or miss and no access (a second load
+        of a snapshot just served, for another tier).
         """
         toks = as_tokens(tokens, getattr(fp, "vocab_size", None))
         rest = (lambda n: tokens[n:]) if isinstance(tokens, list) else (lambda n: toks[n:].tolist())
         if len(toks) < 2:
-            self._count("misses")
+            self._count("misses", int(record))
             return None, rest(0), None
         try:
             chain = self.chain(fp, toks, tenant)
-            for plan in self._plans(fp, chain):
-                if plan.tokens <= min_tokens:
-                    break
+            for plan in self._plans(fp, chain, min_tokens):
                 cache = self._load(fp, chain, plan)
                 if cache is not None:
-                    self._count("hits")
-                    self._count("tokens_reused", plan.tokens)
-                    self.access.touch(plan.key)
+                    if record:
+                        self._count("hits")
+                        self._count("tokens_reused", plan.tokens)
+                        self.access.touch(plan.key)
                     return cache, rest(plan.tokens), Match(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
         except InvalidInput:
             raise
         except (KVStoreError, OSError) as exc:
             self._fault("fetch", exc)
-        self._count("misses")
+        self._count("misses", int(record))
         return None, rest(0), None
 
     def lookup(self, fp, tokens, *, tenant=None):
@@ -278,11 +281,13 @@ class SnapshotStore:
             return Match(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
         return None
 
-    def _plans(self, fp, chain):
-        """Candidate ``Plan``\\ s, best first; damaged records are counted and skipped for a while."""
+    def _plans(self, fp, chain, min_tokens=0):
+        """Candidate ``Plan``\\ s serving more than ``min_tokens`` tokens, best first;
+        damaged records are counted and skipped for a while."""
         now = time.monotonic()
         with self.index.read() as r:
-            found = plan_fetch(r, chain, fp, skip=lambda key: now - self._bad.get(key, -1e9) < BAD_TTL)
+            found = plan_fetch(r, chain, fp, skip=lambda key: now - self._bad.get(key, -1e9) < BAD_TTL,
+                               min_tokens=min_tokens)
         for key, exc in found.corrupt:
             self._fault("fetch", exc, key.hex())
             self._bad[key] = time.monotonic()
@@ -410,19 +415,55 @@ class SnapshotStore:
 
     def delete_planned(self, plan, *, max_bytes=None, on_delete=None):
         """Delete ``plan`` (``SnapshotInfo``\\ s) in order, stopping once the
-        store holds at most ``max_bytes``; return ``(count, bytes freed)``."""
+        store holds at most ``max_bytes``; return ``(count, bytes freed)``.
+
+        Snapshots are deleted ``DELETE_BATCH`` to a transaction (one commit,
+        one fsync), their unused blobs removed after each commit.
+        """
         count = freed = 0
-        for e in plan:
-            if max_bytes is not None and self.total_bytes() <= max_bytes:
+        for i in range(0, len(plan), DELETE_BATCH):
+            batch = plan[i : i + DELETE_BATCH]
+            done, stop = self._remove_batch([bytes.fromhex(e.key) for e in batch], max_bytes)
+            for e, got in zip(batch, done):
+                if got is None:
+                    continue
+                freed += got
+                count += 1
+                if on_delete is not None:
+                    on_delete(e)
+            if stop:
                 break
-            got = self.remove(bytes.fromhex(e.key))
-            if got is None:
-                continue
-            freed += got
-            count += 1
-            if on_delete is not None:
-                on_delete(e)
+        if count:
+            # LMDB reuses the pages a transaction freed only from the second
+            # commit after it: one small commit now lets the next put use them
+            self.index.write(lambda w: w.add_counter("prunes", 1))
         return count, freed
+
+    def _remove_batch(self, kbs, max_bytes=None):
+        """Delete ``kbs`` in one transaction (stopping once the store fits ``max_bytes``);
+        return ``([bytes freed or None per key], stopped early)``."""
+
+        def tx(w):
+            out, doomed = [], []
+            for kb in kbs:
+                if max_bytes is not None and w.counter("bytes") <= max_bytes:
+                    return out, doomed, True
+                raw = w.snapshot(kb)
+                if raw is None:
+                    out.append(None)
+                    continue
+                blobs, freed = remove_snapshot(w, kb, raw)
+                doomed += blobs
+                out.append(freed)
+            return out, doomed, False
+
+        out, doomed, stop = self.index.write(tx)
+        self._unlink(doomed)
+        for kb, got in zip(kbs, out):
+            if got is not None:
+                self._bad.pop(kb, None)
+                self._count("deletes")
+        return out, stop
 
     def _enforce_budget(self):
         """Bounded eviction on the write path: at most ``EVICT_PER_PUT`` snapshots per put."""

@@ -34,6 +34,7 @@ import mlx.core as mx
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
 from .memory import MemoryTier
+from .promotion import Promoter, Ticket
 from .records import TIERS
 from .writer import POLICIES, Write, WriteBehind, shutdown
 
@@ -183,6 +184,7 @@ class TieredPromptCache:
             else:
                 self.store = store_or_path
         self._writer = None
+        self._promoter = Promoter(self.store, self._count) if self.store is not None else None
         self._store_counters = self.store.counters if self.store is not None else None
         if self.store is not None and not getattr(self.store, "readonly", False):
             self._writer = WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
@@ -281,6 +283,7 @@ class TieredPromptCache:
 
     def trim_to(self, *, n_sequences=None, n_bytes=None):
         """Evict memory entries (assistant first, system last) down to the limits."""
+        self._promoted()
         self._count("memory.evicted", self._memory.trim_to(n_sequences=n_sequences, n_bytes=n_bytes))
 
     def fetch_nearest_cache(self, model, tokens, *, tenant=None):
@@ -297,8 +300,14 @@ class TieredPromptCache:
         key, fp = self._key(model, tenant)
         self._count("fetches")
         self._count("tokens.requested", len(tokens))
+        self._promoted()
         plan = self._memory.plan(key, tokens)
         mem_n = plan[1] if plan else 0
+        if self._promoter is not None and mem_n < len(tokens) - 1 and self._promoter.wait_for(key, tokens, mem_n):
+            # the snapshot is on its way into memory: take it from there, not from the disk again
+            self._promoted()
+            plan = self._memory.plan(key, tokens)
+            mem_n = plan[1] if plan else 0
         if plan is None:
             self._count("misses.memory")
         got = None
@@ -324,7 +333,7 @@ class TieredPromptCache:
         store = self.store
         read = store.counters["bytes_read"]
         try:
-            # loads only a match longer than what memory can serve
+            # looks only for a match longer than what memory can serve
             cache, rest, match = store.fetch(fp, tokens, min_tokens=mem_n, tenant=tenant)
         except Exception as exc:
             self._fault("fetch", exc)
@@ -336,10 +345,17 @@ class TieredPromptCache:
             return None
         n = match.tokens
         tier = match.tier if match.tier in TIERS else "user"
-        # promote: memory keeps the loaded cache, the caller gets its own copy
-        self._memory_insert(key, tokens[:n], cache, tier)
-        self._count("promotions")
-        return Fetched(copy.deepcopy(cache), tokens[n:], n, "disk", tier, match.kind)
+        # the caller keeps the loaded cache (nobody else holds its buffers, so its first
+        # write copies nothing); memory gets its own copy, read on another thread
+        self._promoter.submit(Ticket(key, tokens[: n + 1], n, fp, tier, tenant))
+        return Fetched(cache, tokens[n:], n, "disk", tier, match.kind)
+
+    def _promoted(self):
+        """Put the caches promotion has loaded into the memory tier (on the caller's thread)."""
+        if self._promoter is None:
+            return
+        for t in self._promoter.drain():
+            self._memory_insert(t.key, t.tokens[: t.n], t.cache, t.tier)
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant", tenant=None):
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
@@ -354,6 +370,7 @@ class TieredPromptCache:
             raise ValueError(f"cache_type must be one of {TIERS}, got {cache_type!r}")
         tokens = _as_list(tokens)
         key, fp = self._key(model, tenant)
+        self._promoted()
         cache = copy.deepcopy(prompt_cache)
         self._count("inserts")
         self._count(f"inserts.{cache_type}")
@@ -380,6 +397,9 @@ class TieredPromptCache:
         and counted.
         """
         store, self.store = self.store, None
+        if self._promoter is not None:
+            self._promoter.close()
+            self._promoter = None
         if self._writer is None:
             if self._owns_store and store is not None:
                 store.close()

@@ -8,6 +8,7 @@ store fault is a failed write, counted, never raised to anyone.
 """
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -16,6 +17,29 @@ from dataclasses import dataclass, field
 log = logging.getLogger("kvstore")
 
 POLICIES = ("drop", "wait")
+# niceness of background threads (Linux); macOS gets the "background" QoS class
+NICE = 19
+
+
+def lower_priority():
+    """Make the calling thread yield the CPU to request work (generation, prefill).
+
+    Linux schedules threads by their own niceness (``setpriority`` on the
+    thread id); macOS by QoS class (``pthread_set_qos_class_self_np``).
+    Elsewhere, or if refused, the thread keeps its priority.
+    """
+    import sys
+
+    try:
+        if sys.platform.startswith("linux"):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        elif sys.platform == "darwin":
+            import ctypes
+
+            qos_class_background = 0x09
+            ctypes.CDLL(None).pthread_set_qos_class_self_np(qos_class_background, 0)
+    except (OSError, AttributeError, ValueError) as exc:
+        log.debug("kvstore: background thread keeps its priority (%s)", exc)
 
 
 @dataclass
@@ -72,6 +96,7 @@ class WriteBehind:
             return True
 
     def _run(self):
+        lower_priority()
         while True:
             with self.cv:
                 self.cv.wait_for(lambda: self.queue or self.closed)

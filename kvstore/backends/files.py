@@ -12,8 +12,9 @@ of indexes or caches.
 import errno
 import os
 import stat
+import threading
 
-from ..blobs import SUFFIX, BlobReader, encode, is_blob_id, new_id
+from ..blobs import SUFFIX, BlobReader, Layout, is_blob_id, new_id
 from ..errors import CorruptSnapshot
 from ..records import BlobRef
 
@@ -103,6 +104,27 @@ class FileSource:
             self.fd = -1
 
 
+class _Background:
+    """Run ``fn`` on a short-lived thread; ``join`` waits and re-raises what it raised."""
+
+    def __init__(self, fn):
+        self.error = None
+
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # handed to join()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="kvstore-checksum", daemon=True)
+        self.thread.start()
+
+    def join(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _after(bufs, skip):
     """``bufs`` without their first ``skip`` bytes (after a short read)."""
     out = []
@@ -134,17 +156,28 @@ class FileBlobs:
         self.fsync = fsync
 
     def write(self, tensors, meta):
-        """Write a new blob (tmp, fsync, rename) and return its ``BlobRef``."""
-        enc = encode(tensors, meta)
-        blob_id, tmp_fd = enc.blob_id, self.folder.fd("tmp")
+        """Write a new blob (tmp, fsync, rename) and return its ``BlobRef``.
+
+        The data goes to the file while another thread checksums it (both
+        release the GIL); the header, whose length does not depend on the
+        checksums, is written last, at the start of the file.
+        """
+        lay = Layout(tensors, meta)
+        blob_id, tmp_fd = lay.blob_id, self.folder.fd("tmp")
         tmp_name = f"{blob_id}.tmp"
         fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600, dir_fd=tmp_fd)
         try:
             try:
-                for buf in enc.buffers():
-                    _write_all(fd, buf)
-                if os.fstat(fd).st_size != enc.size:
-                    raise OSError(errno.EIO, f"blob {blob_id} is {os.fstat(fd).st_size} bytes after writing {enc.size}")
+                summer = _Background(lay.sum)
+                os.lseek(fd, lay.data_offset, os.SEEK_SET)
+                for piece in lay.pieces:
+                    _write_all(fd, piece)
+                summer.join()
+                head = lay.head()
+                os.lseek(fd, 0, os.SEEK_SET)
+                _write_all(fd, head)
+                if os.fstat(fd).st_size != lay.size:
+                    raise OSError(errno.EIO, f"blob {blob_id} is {os.fstat(fd).st_size} bytes after writing {lay.size}")
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -162,7 +195,7 @@ class FileBlobs:
             except OSError:
                 pass
             raise
-        return BlobRef(bytes.fromhex(blob_id), enc.size, enc.header_sum)
+        return BlobRef(bytes.fromhex(blob_id), lay.size, lay.header_sum(head))
 
     def _open_fd(self, blob_id):
         if not is_blob_id(blob_id):

@@ -19,6 +19,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache, LRUPromptCache
 import kvstore
 from kvstore import TieredPromptCache
 from kvstore.codec import cache_tokens
+from procs import hold_write_lock, release
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 H, D = 2, 8
@@ -302,6 +303,33 @@ def test_disk_hit_after_restart_is_promoted(path):
     b.close()
 
 
+def _address(a):
+    return np.asarray(memoryview(a).cast("B")).ctypes.data
+
+
+def test_a_disk_hit_is_the_callers_alone_and_memory_gets_its_own_copy(path):
+    """The caller's first decode write lands in place (no copy of the whole KV);
+    the memory tier's promoted entry shares no buffer with it."""
+    with TieredPromptCache(path, **opts()) as a:
+        a.insert_cache("m", toks(300), kv(300, seed=3), cache_type="user")
+    with TieredPromptCache(path, **opts()) as b:
+        got = b.fetch("m", toks(305))
+        assert (got.source, got.reused) == ("disk", 300)
+        layer = got.cache[0]
+        before = _address(layer.keys)
+        assert layer.keys.shape[2] > 300  # decode headroom
+        layer.update_and_fetch(mx.ones((1, 2, 1, 8), dtype=layer.keys.dtype),
+                               mx.ones((1, 2, 1, 8), dtype=layer.values.dtype))
+        mx.eval(layer.keys)
+        assert _address(layer.keys) == before, "the first write copied the KV"
+        again = b.fetch("m", toks(305))
+        assert (again.source, again.reused) == ("memory", 300)
+        assert same(again.cache, kv(300, seed=3), 300)
+        assert _address(again.cache[0].keys) != before
+        c = b.counters()
+        assert c["promotions"] == 1 and c["promotions.done"] == 1
+
+
 def test_persist_assistant_when_asked(path):
     with TieredPromptCache(path, persist=("system", "user", "assistant"), **opts()) as a:
         a.insert_cache("m", toks(30), kv(30), cache_type="assistant")
@@ -350,30 +378,6 @@ def test_model_keys_resolve_to_fingerprints(path, tiny_model):
 
 
 # --------------------------------------------------------- write-behind queue
-HOLD = """
-import sys, kvstore
-s = kvstore.SnapshotStore(sys.argv[1])
-txn = s.index.env.begin(write=True)  # the LMDB backend's own lock, held by another process
-print("held", flush=True)
-sys.stdin.readline()
-txn.abort()
-"""
-
-
-def hold_write_lock(path):
-    """Another process that holds the store's LMDB write lock until released."""
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert p.stdout.readline().strip() == "held"
-    return p
-
-
-def release(p):
-    p.stdin.write("\n")
-    p.stdin.flush()
-    assert p.wait(30) == 0
-
-
 def wait_for(pred, timeout=10):
     end = time.monotonic() + timeout
     while not pred():
@@ -454,7 +458,7 @@ def test_queued_snapshot_ignores_later_changes_to_the_callers_cache(path):
 
 CRASH = """
 import os, signal, sys
-sys.path.insert(0, "tests/integration")
+sys.path[:0] = ["tests", "tests/integration"]
 from test_tiered import TieredPromptCache, kv, toks
 c = TieredPromptCache(sys.argv[1], store_options={"block_tokens": 16})
 for i in range(40):
@@ -467,7 +471,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 EXIT = """
 import sys
-sys.path.insert(0, "tests/integration")
+sys.path[:0] = ["tests", "tests/integration"]
 from test_tiered import TieredPromptCache, kv, toks
 c = TieredPromptCache(sys.argv[1], store_options={"block_tokens": 16})
 for i in range(20):
@@ -559,3 +563,21 @@ def test_read_only_store_serves_but_never_writes(path):
         assert c.counters()["writes.queued"] == 0
         c.close()
     assert stored(path)[0] == [30]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_background_threads_yield_to_requests(path):
+    """The writer and promotion threads run at a lower priority than the caller."""
+    import threading
+
+    with TieredPromptCache(path, **opts()) as c:
+        c.insert_cache("m", toks(40), kv(40), cache_type="user")
+        assert c.flush(30)
+        c2 = TieredPromptCache(c.store, **opts())
+        c2.fetch("m", toks(45))  # a disk hit: a promotion starts
+        c2.fetch("m", toks(45))
+        nice = {t.name: os.getpriority(os.PRIO_PROCESS, t.native_id) for t in threading.enumerate()
+                if t.name in ("kvstore-writer", "kvstore-promote")}
+        assert nice == {"kvstore-writer": 19, "kvstore-promote": 19}
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
+        c2.close()

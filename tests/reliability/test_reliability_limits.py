@@ -188,7 +188,7 @@ def test_saturated_queue_on_a_filling_disk_keeps_serving(tmp_path):
     write lock (another process holds it), then fills a small disk: inserts
     never wait, fetches are served from memory, every snapshot is written,
     dropped or failed and counted; earlier snapshots stay intact."""
-    from test_tiered import hold_write_lock, release
+    from procs import hold_write_lock, release
 
     with small_fs(tmp_path / "fs", "6m") as fs:
         store = kvstore.SnapshotStore(fs / "store", block_tokens=16)
@@ -230,7 +230,7 @@ def test_saturated_queue_on_a_filling_disk_keeps_serving(tmp_path):
 
 
 def test_serve_answers_while_the_disk_is_full(tmp_path, tiny_model):
-    from test_serve import Server, cached
+    from kvstore_cli.demo import LocalServer as Server, cached
 
     model = tiny_model("llama")
     with small_fs(tmp_path / "fs", "16m") as fs:

@@ -37,9 +37,9 @@ def add(index, tokens, *, trimmable=True, fp=FP, tier="user", layout_id="L", ext
     return key
 
 
-def plans(index, tokens, **kw):
+def plans(index, tokens, min_tokens=0, **kw):
     with index.read() as r:
-        return plan_fetch(r, chain(tokens, **kw), kw.get("fp", FP)).plans
+        return plan_fetch(r, chain(tokens, **kw), kw.get("fp", FP), min_tokens=min_tokens).plans
 
 
 def best(index, tokens, **kw):
@@ -183,6 +183,11 @@ def test_every_plan_is_safe_and_the_longest_prefix_is_found(stored, n, variant):
     prefixes = [len(s) for s in records if len(s) < len(request) and list(s) == request[: len(s)]]
     if prefixes:
         assert found and found[0].tokens >= max(prefixes)
+    # what a caller already holding some tokens is offered: the same best plan, if it serves more
+    for held in (0, 3, 4, 7, n // 2, n - 2):
+        beyond = [(p.kind, p.tokens) for p in found if p.tokens > held]
+        got = [(p.kind, p.tokens) for p in plans(idx, request, min_tokens=held)]
+        assert got[:1] == beyond[:1], (held, got, beyond)
 
 
 def test_a_one_token_request_gets_no_plan():
