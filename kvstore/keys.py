@@ -106,9 +106,11 @@ class TokenChain:
     """Chained block hashes of one token sequence under one namespace.
 
     ``links[k]`` is the hash of the first ``k * block`` tokens (``links[0]`` is
-    the namespace root). ``key(n)`` is the snapshot key of the first ``n`` tokens.
-    ``known`` may give the first links already computed (by a chain of the same
-    root whose tokens agree that far): only the blocks after them are hashed.
+    the namespace root), computed when first asked for: a lookup that finds
+    nothing after the first block hashes one block, not the whole prompt.
+    ``key(n)`` is the snapshot key of the first ``n`` tokens. ``known`` may
+    give the first links already computed (by a chain of the same root whose
+    tokens agree that far).
     """
 
     __slots__ = ("tokens", "block", "links", "_raw")
@@ -116,17 +118,8 @@ class TokenChain:
     def __init__(self, root, tokens, block, known=None):
         self.tokens = tokens
         self.block = block
-        raw = tokens.tobytes() if sys.byteorder == "little" else tokens.astype("<i4").tobytes()
-        self._raw = raw
-        mv = memoryview(raw)
-        step = 4 * block
-        links = list(known) if known else [root]
-        h = links[-1]
-        b2 = hashlib.blake2b
-        for k in range(len(links) - 1, len(tokens) // block):
-            h = b2(mv[k * step : (k + 1) * step], digest_size=DIGEST, key=h, person=b"kvstore.blk").digest()
-            links.append(h)
-        self.links = links
+        self._raw = tokens.tobytes() if sys.byteorder == "little" else tokens.astype("<i4").tobytes()
+        self.links = _Links(self, list(known) if known else [root])
 
     def __len__(self):
         return len(self.tokens)
@@ -138,6 +131,52 @@ class TokenChain:
         return hashlib.blake2b(
             tail + n.to_bytes(8, "little"), digest_size=DIGEST, key=self.links[k], person=b"kvstore.key"
         ).digest()
+
+
+class _Links:
+    """A chain's links, hashed block by block as far as they are asked for."""
+
+    __slots__ = ("chain", "done")
+
+    def __init__(self, chain, done):
+        self.chain, self.done = chain, done
+
+    def __len__(self):
+        return len(self.chain.tokens) // self.chain.block + 1
+
+    def _upto(self, k):
+        done, c = self.done, self.chain
+        if k < len(done):
+            return
+        step = 4 * c.block
+        mv, h, b2 = memoryview(c._raw), done[-1], hashlib.blake2b
+        for i in range(len(done) - 1, k):
+            h = b2(mv[i * step : (i + 1) * step], digest_size=DIGEST, key=h, person=b"kvstore.blk").digest()
+            done.append(h)
+
+    def __getitem__(self, i):
+        n = len(self)
+        if isinstance(i, slice):
+            start, stop, stride = i.indices(n)
+            if stop > start:
+                self._upto(stop - 1)
+            return self.done[start:stop:stride]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("chain link out of range")
+        self._upto(i)
+        return self.done[i]
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def computed(self, upto):
+        """The links already hashed, at most through ``upto``."""
+        return self.done[: upto + 1]
 
 
 class ChainCache:
@@ -165,7 +204,7 @@ class ChainCache:
             k = (int(diff[0]) if diff.size else m) // block
             if k > best_k:
                 best, best_k, best_id = c, k, cid
-        chain = TokenChain(root, tokens, block, best.links[: best_k + 1] if best is not None else None)
+        chain = TokenChain(root, tokens, block, best.links.computed(best_k) if best is not None else None)
         with self._lock:
             if best is not None and len(tokens) <= len(best.tokens) and best_k == len(tokens) // block:
                 self._chains.move_to_end((root, block, best_id))  # nothing new: keep the longer one

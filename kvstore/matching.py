@@ -89,8 +89,21 @@ class _Records:
 
 def deepest_link(reader, chain, limit, known=0):
     """The deepest ``k <= limit`` with ``chain.links[k]`` passed through by a stored snapshot (0 if none);
-    ``known``: a level already known to be passed through."""
+    ``known``: a level already known to be passed through.
+
+    Being passed through is monotonic (a snapshot through block ``k`` passes
+    every block before it), so the search gallops up from ``known`` and then
+    bisects: it hashes and reads about twice as many levels as the answer
+    holds, not the whole prompt.
+    """
     lo, hi = known, min(limit, len(chain.links) - 1)
+    step = 1
+    while lo < hi:
+        probe = min(hi, lo + step)
+        if not reader.passes_through(chain.links[probe]):
+            hi = probe - 1
+            break
+        lo, step = probe, step * 2
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if reader.passes_through(chain.links[mid]):
@@ -125,13 +138,16 @@ def plan_fetch(reader, chain, fingerprint, skip=None, min_tokens=0):
     if m < 2 or min_tokens >= m - 1 or (floor >= 1 and not reader.passes_through(chain.links[floor])):
         return Plans()  # whatever is served, one token must be left to prefill
     out = []
-    exact = chain.key(m)
-    rec = records.get(exact)
-    if rec is not None and rec.n_tokens == m and rec.same_tokens(toks) and rec.trimmable:
-        out.append(Plan(exact, m - 1, "exact", rec))
     k = deepest_link(reader, chain, m // block, floor)
+    if k == m // block:  # a snapshot of exactly these tokens passes through every full block
+        exact = chain.key(m)
+        rec = records.get(exact)
+        if rec is not None and rec.n_tokens == m and rec.same_tokens(toks) and rec.trimmable:
+            out.append(Plan(exact, m - 1, "exact", rec))
     out += _longer(records, reader, chain, k)
-    shorter = _shorter(records, reader, chain, k, floor)
+    # a stored prefix matters only if it serves at least what is already planned
+    best = max((p.tokens for p in out), default=0)
+    shorter = _shorter(records, reader, chain, k, max(floor, best // block))
     if shorter is not None:
         out.append(shorter)
     out = [p for p in out if p.tokens > min_tokens]
@@ -159,7 +175,7 @@ def _longer(records, reader, chain, k):
 def _shorter(records, reader, chain, k, floor=0):
     """The longest stored snapshot that is a strict prefix of the request (ending at level ``floor`` or deeper)."""
     m, block = len(chain), chain.block
-    for level in range(min(k, (m - 1) // block), floor - 1, -1):
+    for level in range(min(k, (m - 1) // block), floor - 1, -1):  # deepest first
         found = None
         for n, key in reader.ends_at(chain.links[level], None):
             if n >= m or n == 0 or chain.key(n) != key:

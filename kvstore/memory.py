@@ -79,10 +79,14 @@ class MemoryTier:
     def insert(self, key, tokens, cache, tier):
         """Keep ``cache`` (the caller gives it up) for ``tokens``; return how many entries were evicted."""
         before = len(self._lru)
-        try:
-            self._trie.get(key, tokens)
+        if self._holds(key, tokens):
             before -= 1  # replaced, not added
-        except KeyError:
-            pass
         self._lru.insert_cache(key, tokens, cache, cache_type=tier)
         return before + 1 - len(self._lru)
+
+    def _holds(self, key, tokens):
+        """True if an entry of exactly (key, tokens) is kept. The LRU order lists every
+        entry; comparing against it costs a length check for all but same-length ones,
+        where walking the trie would cost a step per token."""
+        entry = (key, tokens)
+        return any(entry == e for lru in self._lru._lru._lrus.values() for e in lru)

@@ -74,6 +74,40 @@ def _arrays(obj, out):
     return out
 
 
+def _detach(obj):
+    """A copy of a cache's structure that shares its arrays.
+
+    New cache objects and containers, so nothing the caller does to its own
+    objects (an offset moved, a state list slot replaced) reaches the copy;
+    each array gets a handle of its own on the same buffer (``copy.copy``):
+    the caller's ``a[i] = x`` rebinds only its handle, and MLX copies a
+    buffer that two handles share before writing into it.
+    """
+    if isinstance(obj, mx.array):
+        return copy.copy(obj)
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return obj
+    if isinstance(obj, list):
+        return [_detach(x) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(_detach(x) for x in obj)
+    d = getattr(obj, "__dict__", None)
+    if d is None:
+        return copy.deepcopy(obj)
+    new = object.__new__(type(obj))
+    new.__dict__.update({k: _detach(v) for k, v in d.items()})
+    return new
+
+
+def _ready(cache):
+    """Evaluate a cache's arrays; bf16 strided views made contiguous (the writer reads plain buffers)."""
+    arrays = _arrays(cache, [])
+    mx.eval(arrays)
+    if any(a.dtype == mx.bfloat16 and not memoryview(a).c_contiguous for a in arrays):
+        cache = _settle(cache)
+    return cache
+
+
 def _settle(obj):
     """Evaluated-array stand-in for ``obj``: bf16 strided views made contiguous."""
     if isinstance(obj, mx.array):
@@ -361,9 +395,9 @@ class TieredPromptCache:
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
         for persisted tiers, queue it for the disk.
 
-        The cache is copied (structure only: MLX arrays are immutable values,
-        a buffer is copied the first time either side writes to it), so the
-        caller may go on using its cache. The caller's thread evaluates the
+        The cache's structure is copied (MLX arrays are values: a buffer is
+        copied the first time either side writes to it), so the caller may go
+        on using its cache. The caller's thread evaluates the
         arrays and queues them; encoding and I/O happen on the writer thread.
         """
         if cache_type not in TIERS:
@@ -371,13 +405,14 @@ class TieredPromptCache:
         tokens = _as_list(tokens)
         key, fp = self._key(model, tenant)
         self._promoted()
-        cache = copy.deepcopy(prompt_cache)
+        persist = self._writer is not None and fp is not None and cache_type in self.persist and tokens
+        cache = _detach(prompt_cache)
+        if persist:
+            cache = _ready(cache)
         self._count("inserts")
         self._count(f"inserts.{cache_type}")
         self._memory_insert(key, tokens, cache, cache_type)
-        if self._writer is not None and fp is not None and cache_type in self.persist and tokens:
-            mx.eval(_arrays(cache, []))
-            cache = _settle(cache)
+        if persist:
             self._writer.submit(Write(fp, tokens, cache, cache_type, tenant=tenant))
         self._maybe_log()
 
