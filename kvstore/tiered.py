@@ -34,7 +34,8 @@ import mlx.core as mx
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
 from .memory import MemoryTier
-from .promotion import Promoter, Ticket
+from .preload import preload_plan
+from .promotion import Promoter, Ticket, cache_nbytes
 from .records import TIERS
 from .writer import POLICIES, Write, WriteBehind, shutdown
 
@@ -389,7 +390,37 @@ class TieredPromptCache:
         if self._promoter is None:
             return
         for t in self._promoter.drain():
+            if t.budget is not None and not self._memory.fits(cache_nbytes(t.cache)):
+                self._count("preload.dropped")  # requests filled memory first: never evict for a preload
+                continue
             self._memory_insert(t.key, t.tokens[: t.n], t.cache, t.tier)
+
+    def preload(self, model):
+        """Load ``model``'s snapshots most likely to be asked for into memory, in the background.
+
+        System tier first, then user, then assistant; within a tier most hits
+        first, then most recently used; as many as the memory tier has room
+        for (entries and bytes) without evicting anything. Returns at once:
+        the store is read on the promotion thread, and the loaded caches
+        enter memory at the next call on the owner's thread. A fetch whose
+        snapshot is loading meanwhile waits for that load instead of reading
+        the disk again. Un-tenanted snapshots only. Returns False (and does
+        nothing) without a disk tier.
+        """
+        if self._promoter is None or self.store is None:
+            return False
+        entries, nbytes = self._memory.room()
+        store = self.store
+        self._promoter.plan(lambda: preload_plan(store, self._key, model, entries, nbytes))
+        self._count("preload.started")
+        return True
+
+    def settle(self, timeout=None):
+        """Wait until preloading and promotions are done, then put what they loaded into
+        memory (on the caller's thread); False if ``timeout`` passed first."""
+        idle = self._promoter.idle(timeout) if self._promoter is not None else True
+        self._promoted()
+        return idle
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant", tenant=None):
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
