@@ -13,8 +13,9 @@ server, the servers' order rotating between rounds:
 - warm: the system prompt warmed before the first request (``kvstore warm``
   then ``kvstore serve --preload``; vllm-mlx's ``--warm-prompts``), then the
   first request.
-- kill: a cold request killed with SIGKILL at its first content chunk, a
-  restart, and a request: what survived (cached tokens) and its time.
+- kill: a cold request, a second request killed with SIGKILL at its first
+  content chunk, a restart, and a request: what survived (cached tokens)
+  and its time.
 
 Questions rotate over the rounds so that every question is once asked cold
 on each server; every answer to a question must equal that server's cold
@@ -56,6 +57,8 @@ MODES = {"quick": {"system_tokens": 2000, "rounds": 1, "max_tokens": 32},
          "full": {"system_tokens": 2000, "rounds": 3, "max_tokens": 32}}
 KVSTORE = shutil.which("kvstore", path=os.path.dirname(sys.executable)) or "kvstore"
 SERVERS = ("kvstore serve", "vllm-mlx")
+# kvstore serve options under test (besides --preload)
+EXTRA = ["--warmup"]
 QUESTIONS = ["Which boats came back to the harbor this morning?", "What was the wind like yesterday evening?",
              "Can you list the ships that passed the rocks in the dark?"]
 # delta fields that carry generated text (mlx_lm.server streams a thinking model's text as reasoning)
@@ -154,7 +157,9 @@ def answers_check(runs):
     question's cold answer on the same server (where that question was asked cold)."""
     cold, cached = {}, []
     for x in runs:
-        cold[x["restart"]["cold"]["question"]] = x["restart"]["cold"]["text"]
+        for got in (x["restart"]["cold"], x["kill"].get("first")):
+            if got is not None:
+                cold.setdefault(got["question"], got["text"])
         for got in (x["restart"]["memory"], x["restart"]["after_restart"], x["warm"]["first"], x["kill"]["after"]):
             cached.append((got["question"], got["text"]))
     compared = [(q, t) for q, t in cached if q in cold]
@@ -217,7 +222,7 @@ class Server:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         host = ["--host", "127.0.0.1", "--port", str(self.port)]
         if kind == "kvstore serve":
-            args = [KVSTORE, "--store", str(place), "serve", "--model", str(model), "--preload", *host]
+            args = [KVSTORE, "--store", str(place), "serve", "--model", str(model), "--preload", *EXTRA, *host]
         else:
             # vllm-mlx keeps its prefix cache under ~/.cache/vllm-mlx: a home of its own per scenario
             env["HOME"] = str(place)
@@ -330,11 +335,11 @@ def scenario_warm(kind, model, place, system, q, cfg, scratch, peer):
 def scenario_kill(kind, model, place, system, qs, cfg, scratch, peer):
     out = {}
     s = Server(kind, model, place, scratch, peer)
-    out["killed"] = s.ask(system, qs[0], cfg["max_tokens"], kill_at_first=True)
-    time.sleep(0.2)
+    out["first"] = s.ask(system, qs[0], cfg["max_tokens"])
+    out["killed"] = s.ask(system, qs[1], cfg["max_tokens"], kill_at_first=True)
     s = Server(kind, model, place, scratch, peer)
     out["startup_s"] = s.startup
-    out["after"] = s.ask(system, qs[1], cfg["max_tokens"])
+    out["after"] = s.ask(system, qs[2], cfg["max_tokens"])
     s.stop()
     return out
 
@@ -343,7 +348,7 @@ def one_round(r, kind, model, system, cfg, scratch, peer):
     qs = [QUESTIONS[(r + i) % len(QUESTIONS)] for i in range(3)]
     res = {}
     for name, fn, q in (("restart", scenario_restart, qs), ("warm", scenario_warm, qs[0]),
-                        ("kill", scenario_kill, [qs[2], qs[1]])):
+                        ("kill", scenario_kill, [qs[2], qs[0], qs[1]])):
         place = Path(scratch) / f"{kind.split()[0]}-{name}-{r}"
         place.mkdir()
         res[name] = fn(kind, model, place, system, q, cfg, scratch, peer)

@@ -55,6 +55,9 @@ def build_parser():
     p.add_argument("--preload", action="store_true",
                    help="at start, load the model's most used snapshots (system tier first) into the memory "
                         "tier in the background, so the first request is a memory hit")
+    p.add_argument("--warmup", action="store_true",
+                   help="send one short request through the server before it listens, so the first real "
+                        "request does not pay MLX's first-call costs (start-up takes that long instead)")
     p.add_argument("--cache-log-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often cache counters are logged (default: 60)")
     return p
@@ -142,6 +145,10 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
 
     # mlx_lm.server.run builds its cache as LRUPromptCache(prompt_cache_size)
     server.LRUPromptCache = prompt_cache
+    if args.warmup:
+        from .warmup import before_listening
+
+        before_listening(server)
 
     def stop(signum, frame):
         # the server shuts down cleanly on KeyboardInterrupt; queued snapshots are written

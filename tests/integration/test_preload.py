@@ -208,3 +208,18 @@ def test_serve_preload_first_request_is_a_memory_hit(tmp_path, tiny_model):
         cold = s.chat("Do you sell hammers?")
     assert cached(cold) == 0
     assert first["choices"][0]["message"] == cold["choices"][0]["message"]
+
+
+def test_serve_warmup_runs_before_listening(tmp_path, tiny_model):
+    """``--warmup`` sends one request through the server before it listens; answers are unchanged."""
+    from kvstore_cli.demo import LocalServer
+
+    model = tiny_model("llama")
+    with LocalServer(tmp_path / "store", model, "--warmup", "--log-level", "INFO") as s:
+        warmed = s.chat("Do you sell hammers?")
+        log = s.stop()
+    assert log.index("kvstore: warm-up request done") < log.index("Starting httpd")
+    assert "Traceback" not in log
+    with LocalServer(tmp_path / "store2", model) as s:
+        plain = s.chat("Do you sell hammers?")
+    assert warmed["choices"][0]["message"] == plain["choices"][0]["message"]
