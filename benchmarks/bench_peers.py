@@ -194,6 +194,51 @@ def table(summary):
     return "\n".join(lines)
 
 
+HEADING = "## Against vllm-mlx, side by side"
+INSTALL = """python3 -m venv /work/peer-venv
+/work/peer-venv/bin/pip install torch==2.13.0   # where a CPU build of torch lies on disk; else skip
+/work/peer-venv/bin/pip install vllm-mlx==0.6.0 "mlx[cpu]"
+.venv/bin/python benchmarks/bench_peers.py --peer-venv /work/peer-venv   # or KVSTORE_PEER_VENV=..."""
+
+
+def section(result):
+    """The RESULTS.md section of a results file."""
+    cfg, peer = result["config"], result["config"]["peer"]
+    loads = f"load average {result['load_before'][0]:.1f} before, {result['load_after'][0]:.1f} after"
+    kv_opts = " ".join(["--preload", *cfg.get("kvstore_options", [])])
+    out = [HEADING, "",
+           f"Script: `{result['command']}`; {result['started']}, {len(result['rounds'])} round(s), servers "
+           f"interleaved (order rotating); {loads}. Model: a random-weight llama of hidden "
+           f"{cfg['model']['hidden_size']} and {cfg['model']['num_hidden_layers']} layers built with `kvstore.tiny`, "
+           f"the same folder for both; a system prompt of about {cfg['system_tokens']:,} tokens, a short question, "
+           f"{cfg['max_tokens']} streamed tokens, greedy; time to the first chunk that carries text, medians. "
+           f"kvstore serve runs with `{kv_opts}`; vllm-mlx {' '.join(peer['vllm_mlx'])} (mlx-lm "
+           f"{' '.join(peer['mlx_lm'])}) with `--continuous-batching` (its prefix cache is saved at a graceful "
+           "stop and loaded at start only in that mode) and `--warm-prompts` for the warmed row. Cached tokens: "
+           "kvstore serve's `usage`, vllm-mlx's log. The first request after warming follows `kvstore warm` "
+           "(kvstore) or a start with `--warm-prompts` (vllm-mlx; its start-up then includes the warm-up).", "",
+           table(result["summary"]), "",
+           "Install vllm-mlx beside the project (its own venv: it pins mlx-lm below 0.32 and pulls torch, about "
+           "6.6 GB), then run the script:", "", "```bash", INSTALL, "```", ""]
+    return "\n".join(out)
+
+
+def write_section(md, text):
+    """Put ``text`` into the RESULTS.md at ``md``: in place of an earlier copy, else before ``## Plots``."""
+    md = Path(md)
+    doc = md.read_text() if md.exists() else ""
+    if HEADING in doc:
+        start = doc.index(HEADING)
+        end = doc.find("\n## ", start + len(HEADING))
+        doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
+    elif "\n## Plots" in doc:
+        at = doc.index("\n## Plots") + 1
+        doc = doc[:at] + text + "\n" + doc[at:]
+    else:
+        doc += "\n" + text
+    md.write_text(doc)
+
+
 def peer_venv(arg=None):
     """The vllm-mlx virtual environment from ``arg`` or ``$KVSTORE_PEER_VENV``, or ``None``
     (with the reason) when it is not given or holds no ``vllm-mlx``."""
@@ -370,6 +415,8 @@ def system_prompt(tokenizer, n_tokens):
 def main(argv=None):
     p = C.mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--peer-venv", help="virtual environment holding vllm-mlx (default: $KVSTORE_PEER_VENV)")
+    p.add_argument("--md", help="RESULTS.md to write the section into (default: benchmarks/RESULTS.md when "
+                                "--out is the default results folder)")
     args = p.parse_args(argv)
     peer, why = peer_venv(args.peer_venv)
     if peer is None:
@@ -387,6 +434,7 @@ def main(argv=None):
                                    "import importlib.metadata as m; print(m.version('vllm-mlx'), m.version('mlx-lm'))"],
                                   capture_output=True, text=True).stdout.split()
     result["config"] = {**cfg, "model": {"family": MODEL[0], **MODEL[1]}, "questions": QUESTIONS,
+                        "kvstore_options": EXTRA,
                         "peer": {"venv": str(peer), "vllm_mlx": peer_version[:1], "mlx_lm": peer_version[1:]}}
     result["rounds"] = []
     with C.scratch() as scratch:
@@ -404,6 +452,10 @@ def main(argv=None):
     result["table"] = table(result["summary"])
     path = C.finish(result, out=args.out)
     print(result["table"])
+    md = args.md or (C.HERE / "RESULTS.md" if Path(args.out).resolve() == C.RESULTS.resolve() else None)
+    if md:
+        write_section(md, section(result))
+        log(f"peers: wrote its section into {md}")
     log(f"peers: wrote {path}")
     return 0
 

@@ -85,3 +85,20 @@ def test_skipped_without_a_peer(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVSTORE_PEER_VENV", str(tmp_path / "missing"))
     assert B.main(["--quick", "--out", str(tmp_path / "out")]) == 0
     assert "skipped" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_section_replaces_its_earlier_copy(tmp_path):
+    result = {"command": "python benchmarks/bench_peers.py --quick", "started": "today", "rounds": [{}],
+              "load_before": [1.0], "load_after": [2.0], "summary": B.summarize(rounds()),
+              "config": {"model": {"hidden_size": 256, "num_hidden_layers": 4}, "system_tokens": 2000,
+                         "max_tokens": 32, "kvstore_options": ["--warmup"],
+                         "peer": {"vllm_mlx": ["0.6.0"], "mlx_lm": ["0.31.3"]}}}
+    text = B.section(result)
+    assert text.startswith(B.HEADING) and "| cold | 4.00 s | 8.00 s |" in text and "pip install vllm-mlx" in text
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# r\n\n## Server\n\nold\n\n## Plots\n\npics\n")
+    B.write_section(md, text)
+    B.write_section(md, text.replace("4.00 s", "3.00 s"))
+    doc = md.read_text()
+    assert doc.count(B.HEADING) == 1 and "| cold | 3.00 s | 8.00 s |" in doc
+    assert doc.index("## Server") < doc.index(B.HEADING) < doc.index("## Plots") and doc.endswith("pics\n")
