@@ -1,14 +1,15 @@
 """A warm-up request through mlx_lm.server's own generation path, before it listens.
 
 A new process pays once for what MLX and mlx-lm do on their first call
-(kernels built for the CPU, the batch generator made, buffers allocated).
-``kvstore serve --warmup`` sends one short text completion through the
-server's ``ResponseGenerator`` before the HTTP server accepts connections,
-so the first real request does not pay it: start-up takes that much longer
-instead. The warm-up is a text completion, so its cache entry is of the
-assistant tier (kept in memory, evicted first, not written to disk unless
-the assistant tier is persisted). A warm-up that fails is logged and the
-server starts anyway.
+(kernels built for the CPU, the batch generator made, buffers allocated,
+the chat template compiled). ``kvstore serve --warmup`` sends one short text
+completion through the server's ``ResponseGenerator`` and renders the chat
+template once before the HTTP server accepts connections, so the first real
+request does not pay it: start-up takes that much longer instead. The
+warm-up is a text completion, so its cache entry is of the assistant tier
+(kept in memory, evicted first, not written to disk unless the assistant
+tier is persisted). A warm-up that fails is logged and the server starts
+anyway.
 """
 
 import logging
@@ -43,6 +44,14 @@ def warm_up(response_generator, max_tokens=2):
     except Exception as exc:  # fail open: the server starts without a warm-up
         log.warning("kvstore: warm-up request failed (%s: %s); starting without it", type(exc).__name__, exc)
         return None
+    try:
+        # a chat request renders the chat template; its first rendering compiles it
+        tokenizer = response_generator.model_provider.tokenizer
+        if tokenizer is not None and getattr(tokenizer, "has_chat_template", False):
+            tokenizer.apply_chat_template([{"role": "system", "content": PROMPT}, {"role": "user", "content": PROMPT}],
+                                          add_generation_prompt=True)
+    except Exception as exc:  # the template fails on the first real request too; it says why there
+        log.debug("kvstore: warm-up could not render the chat template: %s", exc)
     seconds = time.perf_counter() - t
     log.info("kvstore: warm-up request done in %.2f s", seconds)
     return seconds

@@ -347,7 +347,10 @@ class TieredPromptCache:
             self._count("misses.memory")
         got = None
         if self.store is not None and fp is not None and mem_n < len(tokens) - 1:
-            got = self._fetch_disk(key, fp, tokens, mem_n, tenant)
+            if self._disk_adds_little(mem_n, len(tokens)):
+                self._count("disk.skipped")
+            else:
+                got = self._fetch_disk(key, fp, tokens, mem_n, tenant)
         if got is None and plan is not None:
             held, n, kind = plan
             cache, tier = self._memory.checkout(key, held, n)
@@ -363,6 +366,12 @@ class TieredPromptCache:
             self._count(f"tokens.reused.{got.source}", got.reused)
         self._maybe_log()
         return got
+
+    def _disk_adds_little(self, mem_n, n):
+        """True if memory serves every full key block of an ``n``-token request: the disk could
+        add less than a block (the tail of a longer match in the last one), not worth a lookup."""
+        block = getattr(self.store, "block", None)
+        return bool(block) and mem_n > 0 and mem_n >= (n - 1) // block * block
 
     def _fetch_disk(self, key, fp, tokens, mem_n, tenant=None):
         store = self.store
