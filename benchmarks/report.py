@@ -73,7 +73,7 @@ def table(head, rows):
 
 def load(results):
     data = {}
-    for name in ("run_all", "restore", "hotpath", "multiturn", "scale", "server", "fingerprint", "compare"):
+    for name in ("run_all", "restore", "hotpath", "multiturn", "scale", "server", "peers", "fingerprint", "compare"):
         p = Path(results) / f"{name}.json"
         if p.exists():
             data[name] = json.loads(p.read_text())
@@ -637,6 +637,13 @@ def compare_section(d):
     return "\n".join(out)
 
 
+def peers_section(d):
+    """kvstore serve against vllm-mlx (``bench_peers.py``; run by hand, it needs vllm-mlx's own venv)."""
+    import bench_peers
+
+    return bench_peers.section(d)
+
+
 def gaps_section(data):
     """Where kvstore is slower, from the numbers of this run."""
     out = ["## Where kvstore is slower, and what would close the gap", ""]
@@ -904,7 +911,8 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS, before=None)
            "in `benchmarks/`: `run_all.py --quick` (a few minutes) or `--full`.", "",
            goals_part(data, before), machine_section(data), "", summary_section(data), gaps_section(data)]
     for name, fn in (("restore", restore_section), ("hotpath", hotpath_section), ("multiturn", multiturn_section),
-                     ("scale", scale_section), ("server", server_section), ("fingerprint", fingerprint_section),
+                     ("scale", scale_section), ("server", server_section), ("peers", peers_section),
+                     ("fingerprint", fingerprint_section),
                      ("compare", compare_section)):
         if name in data:
             doc.append(fn(data[name]))

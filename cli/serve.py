@@ -52,6 +52,12 @@ def build_parser():
     p.add_argument("--no-disk", action="store_true", help="memory tier only, like plain mlx_lm.server")
     p.add_argument("--write-queue", type=int, default=64, metavar="N",
                    help="snapshots waiting for the disk writer before new ones are dropped (default: 64)")
+    p.add_argument("--preload", action="store_true",
+                   help="at start, load the model's most used snapshots (system tier first) into the memory "
+                        "tier in the background, so the first request is a memory hit")
+    p.add_argument("--warmup", action="store_true",
+                   help="send one short request through the server before it listens, so the first real "
+                        "request does not pay MLX's first-call costs (start-up takes that long instead)")
     p.add_argument("--cache-log-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often cache counters are logged (default: 60)")
     return p
@@ -66,6 +72,9 @@ def server_options(rest):
     peek.add_argument("--kv-group-size", type=int, default=64)
     peek.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START)
     peek.add_argument("--log-level", default="INFO")
+    peek.add_argument("--model", default=None)
+    peek.add_argument("--adapter-path", default=None)
+    peek.add_argument("--draft-model", default=None)
     opts, _ = peek.parse_known_args(rest)
     return opts
 
@@ -129,10 +138,17 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
             queue_size=args.write_queue, log_interval=args.cache_log_interval, **cache_options(opts),
         )
         made.append(cache)
+        if args.preload and opts.model is not None:
+            # mlx_lm.server's key of its default model
+            cache.preload((opts.model, opts.adapter_path, opts.draft_model))
         return cache
 
     # mlx_lm.server.run builds its cache as LRUPromptCache(prompt_cache_size)
     server.LRUPromptCache = prompt_cache
+    if args.warmup:
+        from .warmup import before_listening
+
+        before_listening(server)
 
     def stop(signum, frame):
         # the server shuts down cleanly on KeyboardInterrupt; queued snapshots are written

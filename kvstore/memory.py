@@ -40,6 +40,17 @@ class MemoryTier:
         self._lru.trim_to(n_sequences=n_sequences, n_bytes=n_bytes)
         return before - len(self._lru)
 
+    def room(self):
+        """``(entries, bytes)`` the tier can take without evicting (bytes ``None``: no limit)."""
+        lru = self._lru
+        nbytes = None if lru.max_bytes >= 1 << 62 else max(0, lru.max_bytes - lru.nbytes)
+        return max(0, lru.max_size - len(lru)), nbytes
+
+    def fits(self, nbytes):
+        """True if one more entry of ``nbytes`` fits without evicting another."""
+        entries, room = self.room()
+        return entries > 0 and (room is None or nbytes <= room)
+
     def plan(self, key, tokens):
         """``(entry tokens, tokens to serve, kind)`` of the best entry for ``tokens``, or ``None``.
 

@@ -34,7 +34,8 @@ import mlx.core as mx
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
 from .memory import MemoryTier
-from .promotion import Promoter, Ticket
+from .preload import preload_plan
+from .promotion import Promoter, Ticket, cache_nbytes
 from .records import TIERS
 from .writer import POLICIES, Write, WriteBehind, shutdown
 
@@ -346,7 +347,10 @@ class TieredPromptCache:
             self._count("misses.memory")
         got = None
         if self.store is not None and fp is not None and mem_n < len(tokens) - 1:
-            got = self._fetch_disk(key, fp, tokens, mem_n, tenant)
+            if self._disk_adds_little(mem_n, len(tokens)):
+                self._count("disk.skipped")
+            else:
+                got = self._fetch_disk(key, fp, tokens, mem_n, tenant)
         if got is None and plan is not None:
             held, n, kind = plan
             cache, tier = self._memory.checkout(key, held, n)
@@ -362,6 +366,12 @@ class TieredPromptCache:
             self._count(f"tokens.reused.{got.source}", got.reused)
         self._maybe_log()
         return got
+
+    def _disk_adds_little(self, mem_n, n):
+        """True if memory serves every full key block of an ``n``-token request: the disk could
+        add less than a block (the tail of a longer match in the last one), not worth a lookup."""
+        block = getattr(self.store, "block", None)
+        return bool(block) and mem_n > 0 and mem_n >= (n - 1) // block * block
 
     def _fetch_disk(self, key, fp, tokens, mem_n, tenant=None):
         store = self.store
@@ -389,7 +399,37 @@ class TieredPromptCache:
         if self._promoter is None:
             return
         for t in self._promoter.drain():
+            if t.budget is not None and not self._memory.fits(cache_nbytes(t.cache)):
+                self._count("preload.dropped")  # requests filled memory first: never evict for a preload
+                continue
             self._memory_insert(t.key, t.tokens[: t.n], t.cache, t.tier)
+
+    def preload(self, model):
+        """Load ``model``'s snapshots most likely to be asked for into memory, in the background.
+
+        System tier first, then user, then assistant; within a tier most hits
+        first, then most recently used; as many as the memory tier has room
+        for (entries and bytes) without evicting anything. Returns at once:
+        the store is read on the promotion thread, and the loaded caches
+        enter memory at the next call on the owner's thread. A fetch whose
+        snapshot is loading meanwhile waits for that load instead of reading
+        the disk again. Un-tenanted snapshots only. Returns False (and does
+        nothing) without a disk tier.
+        """
+        if self._promoter is None or self.store is None:
+            return False
+        entries, nbytes = self._memory.room()
+        store = self.store
+        self._promoter.plan(lambda: preload_plan(store, self._key, model, entries, nbytes))
+        self._count("preload.started")
+        return True
+
+    def settle(self, timeout=None):
+        """Wait until preloading and promotions are done, then put what they loaded into
+        memory (on the caller's thread); False if ``timeout`` passed first."""
+        idle = self._promoter.idle(timeout) if self._promoter is not None else True
+        self._promoted()
+        return idle
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant", tenant=None):
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
