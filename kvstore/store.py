@@ -31,6 +31,7 @@ from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailabl
 from .keys import ChainCache, as_tokens, namespace
 from .loader import load
 from .maintenance.policy import PrunePolicy
+from .quarantine import Repairs
 from .matching import DedupBase, dedup_base, plan_fetch
 from .records import FORMAT_VERSION, TIERS, Extent, Model, Segment, Snapshot, decode_model, decode_snapshot, unpack
 from .reports import Match, Problem, SnapshotInfo
@@ -84,6 +85,8 @@ class SnapshotStore:
         self._bad = {}
         self._chains = ChainCache()
         self.access = AccessLog(self.index, access_flush, self._fault)
+        # snapshots that fail to load are checked (and quarantined) off the request's way
+        self.repairs = None if self.readonly else Repairs(self)
 
     def chain(self, fp, toks, tenant=None):
         """The ``TokenChain`` of ``toks`` (an int32 array) in ``fp``'s namespace, reusing
@@ -97,6 +100,8 @@ class SnapshotStore:
 
     def close(self):
         """Flush pending access updates and release the index and folders."""
+        if self.repairs is not None:
+            self.repairs.close()
         self.access.close()
         self.backend.close()
 
@@ -290,8 +295,14 @@ class SnapshotStore:
                                min_tokens=min_tokens)
         for key, exc in found.corrupt:
             self._fault("fetch", exc, key.hex())
-            self._bad[key] = time.monotonic()
+            self._failed(key)
         return found.plans
+
+    def _failed(self, key):
+        """Skip ``key`` for a while; have it checked and, if damaged, quarantined."""
+        self._bad[key] = time.monotonic()
+        if self.repairs is not None:
+            self.repairs.submit(key)
 
     def _load(self, fp, chain, plan):
         try:
@@ -299,8 +310,8 @@ class SnapshotStore:
         except LOAD_FAULTS as exc:
             # RuntimeError: MLX refusing what a damaged record asks of it
             self._count("misses.corrupt")
-            self._bad[plan.key] = time.monotonic()
             self._fault("load", exc if isinstance(exc, KVStoreError) else CorruptSnapshot(repr(exc)), plan.key.hex())
+            self._failed(plan.key)
             return None
         self._count("bytes_read", nread)
         return cache

@@ -272,7 +272,7 @@ class TieredPromptCache:
             "%d bytes read, %d bytes written, %d writes dropped, %d faults, queue %d/%d",
             c["fetches"], c["hits.memory"], c["hits.disk"], c["misses"], c["tokens.reused"],
             c["tokens.requested"], c["bytes.read"], c["bytes.written"], c["writes.dropped"],
-            c["disk.faults"], c["queue.depth"], c["queue.size"],
+            c["disk.faults"] + c.get("store.faults", 0), c["queue.depth"], c["queue.size"],
         )
 
     # ------------------------------------------------------------ model keys
