@@ -28,7 +28,9 @@ class AccessLog:
         atexit.register(self._at_exit)
 
     def touch(self, key):
-        """Note one hit of snapshot ``key`` now."""
+        """Note one hit of snapshot ``key`` now (nothing in a read-only store)."""
+        if self.index.readonly:
+            return
         with self._lock:
             _last, hits = self._pending.get(key, (0.0, 0))
             self._pending[key] = (time.time(), hits + 1)

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 
-from . import listing
+from . import budget, listing
 from .access import AccessLog
 from .backends.local import LocalFolder
 from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable
@@ -61,8 +61,10 @@ class SnapshotStore:
             elsewhere), in which case the folder options below do not apply.
         map_size: LMDB map size in bytes, fixed when the store is created.
         block_tokens: token block size of the key chain, fixed at creation.
-        max_bytes: optional disk budget; ``put`` evicts a bounded number of
-            lower-tier, least recently used snapshots to stay under it.
+        max_bytes: optional disk budget in bytes, or ``"auto"`` (half the free
+            disk space, at most 50 GB: ``kvstore.budget``); ``put`` evicts a
+            bounded number of lower-tier, least recently used snapshots to stay
+            under it (system snapshots only when nothing else is left).
         readonly: open without creating or writing anything.
         fsync: fsync blobs and folders (leave on outside tests and benchmarks).
         access_flush: seconds between batched writes of access times and hits.
@@ -78,7 +80,8 @@ class SnapshotStore:
         b = self.backend
         self.path, self.block, self.map_size = b.path, b.block, getattr(b, "map_size", None)
         self.index, self.blobs, self.file_digests = b.index, b.blobs, getattr(b, "file_digests", None)
-        self.readonly, self.fsync, self.max_bytes = b.readonly, fsync, max_bytes
+        self.readonly, self.fsync = b.readonly, fsync
+        self.max_bytes = None if self.readonly else budget.resolve(max_bytes, self.path, self.total_bytes())
         # this process's counters; written by the caller's and writer threads
         self.counters = Counter()
         self._count_lock = threading.Lock()
@@ -477,11 +480,10 @@ class SnapshotStore:
         return out, stop
 
     def _enforce_budget(self):
-        """Bounded eviction on the write path: at most ``EVICT_PER_PUT`` snapshots per put."""
+        """Bounded eviction on the write path: at most ``EVICT_PER_PUT`` snapshots per put,
+        system snapshots only when nothing else is left (``kvstore.budget``)."""
         try:
-            if self.total_bytes() <= self.max_bytes:
-                return
-            count, _ = self.prune(PrunePolicy(max_bytes=self.max_bytes), limit=EVICT_PER_PUT)
+            count, _ = budget.enforce(self, self.max_bytes, limit=EVICT_PER_PUT)
             self._count("evictions", count)
         except (KVStoreError, OSError) as exc:
             self._fault("evict", exc)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import notices
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
 from .memory import MemoryTier
@@ -406,6 +407,8 @@ class TieredPromptCache:
         key, fp = self._key(model, tenant)
         self._promoted()
         persist = self._writer is not None and fp is not None and cache_type in self.persist and tokens
+        if self._writer is not None and fp is not None and cache_type not in self.persist:
+            notices.memory_only(cache_type, self.persist)
         cache = _detach(prompt_cache)
         if persist:
             cache = _ready(cache)
