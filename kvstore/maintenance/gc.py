@@ -46,8 +46,11 @@ def _sizes(segs):
 
 
 def _temp_files(store, now, grace, dry_run, found):
+    from .archive import orphaned_temps
+
+    dead = set(orphaned_temps(store))  # an import's, whose process is gone: no grace needed
     for name, st in store.blobs.temp_files():
-        if now - st.st_mtime >= grace:
+        if now - st.st_mtime >= grace or name in dead:
             found.append(Problem("temp", None, None, f"temp file {name}"))
             if not dry_run:
                 store.blobs.remove_temp(name)
