@@ -6,7 +6,6 @@ real read-only folders (a read-only bind mount, else an immutable folder,
 else a folder without write permission), real truncated tar files.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import pytest
 
 import kvstore
 from kvstore import budget
+from readonly import read_only
 from workers import seed_tokens, synthetic_prefix_cache
 
 KVSTORE = shutil.which("kvstore") or str(Path(sys.executable).with_name("kvstore"))
@@ -165,37 +165,6 @@ def test_a_tier_kept_in_memory_only_is_said_once(caplog):
 
 
 # -------------------------------------------------------- read-only store
-@contextlib.contextmanager
-def read_only(folder):
-    """``folder`` made read-only for real: a read-only bind mount of it (EROFS), else
-    ``chattr +i`` (immutable), else ``chmod a-w`` (enough when not root). Yields
-    ``(path to use, how)``; skips if none of them stops a write."""
-    view = folder.parent / (folder.name + "-ro")
-    view.mkdir()
-    if subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True).returncode == 0:
-        try:
-            if subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True).returncode == 0:
-                yield view / "store", "read-only bind mount"
-                return
-        finally:
-            subprocess.run(["umount", "-l", str(view)], capture_output=True)
-    store = folder / "store"
-    if shutil.which("chattr") and subprocess.run(["chattr", "-R", "+i", str(store)],
-                                                 capture_output=True).returncode == 0:
-        try:
-            yield store, "chattr +i"
-        finally:
-            subprocess.run(["chattr", "-R", "-i", str(store)], capture_output=True)
-        return
-    subprocess.run(["chmod", "-R", "a-w", str(store)], check=True)
-    try:
-        if os.access(store, os.W_OK):
-            pytest.skip("no way to make a folder read-only here (root without mount or chattr)")
-        yield store, "chmod a-w"
-    finally:
-        subprocess.run(["chmod", "-R", "u+w", str(store)], check=True)
-
-
 def snapshot_of_files(root):
     return {p: (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*") if p.is_file()}
 
