@@ -177,7 +177,7 @@ class SnapshotStore:
         with self.index.read() as r:
             if _holds(r.snapshot(key), toks):
                 self._count("put_existing")
-                self.access.touch(key)
+                self.access.touch(key, hit=False)  # a put is no hit: HITS counts loads served
                 return key.hex()
             known = r.model(str(fp))
             if known is not None:

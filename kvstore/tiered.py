@@ -243,7 +243,8 @@ class TieredPromptCache:
         ``tokens.reused`` (``.memory`` / ``.disk``), ``bytes.read``,
         ``bytes.written``, ``writes.queued`` / ``done`` / ``dropped`` /
         ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
-        ``disk.faults`` and the memory tier's ``memory.entries`` /
+        ``disk.faults``, ``faults`` (every fault once, the store's failed
+        loads included) and the memory tier's ``memory.entries`` /
         ``memory.bytes`` / ``memory.evicted``.
         """
         out = self._count.snapshot()
@@ -260,7 +261,10 @@ class TieredPromptCache:
         if self._store_counters is not None:
             # faults the store absorbed itself (corrupt or missing blobs, I/O errors)
             sc = self._store_counters
-            out.update({f"store.{k}": sc[k] for k in ("faults", "misses.corrupt", "put_failures")})
+            out.update({f"store.{k}": sc[k] for k in ("faults", "misses.corrupt", "put_failures", "quarantined")})
+        # every fault once: the store's own (failed loads among them) and this cache's (a failed
+        # write is counted by both)
+        out["faults"] = out["disk.faults"] + out.get("store.faults", 0) - out.get("store.put_failures", 0)
         return out
 
     def _maybe_log(self):
@@ -273,7 +277,7 @@ class TieredPromptCache:
             "%d bytes read, %d bytes written, %d writes dropped, %d faults, queue %d/%d",
             c["fetches"], c["hits.memory"], c["hits.disk"], c["misses"], c["tokens.reused"],
             c["tokens.requested"], c["bytes.read"], c["bytes.written"], c["writes.dropped"],
-            c["disk.faults"] + c.get("store.faults", 0), c["queue.depth"], c["queue.size"],
+            c["faults"], c["queue.depth"], c["queue.size"],
         )
 
     # ------------------------------------------------------------ model keys

@@ -58,7 +58,7 @@ def test_damaged_shared_segment_is_quarantined_and_stored_again(tmp_path, tiny_m
     got = tiered.fetch(fp, system + user + [7])
     assert got.cache is None and got.source is None  # a miss, not a hit
     c = tiered.counters()
-    assert c["hits"] == 0 and c["store.faults"] >= 1 and c["store.misses.corrupt"] >= 1
+    assert c["hits"] == 0 and c["faults"] >= 1 and c["store.misses.corrupt"] >= 1
     assert store.repairs.wait(30)
     # the damaged blob and both snapshots reading it are out of service
     assert not blob_path(path, shared).exists()
@@ -94,6 +94,9 @@ def test_damaged_state_blob_removes_only_its_snapshot(tmp_path):
     a, b = base + [1500] * 20, base + [1600] * 20
     for toks in (base, a, b):
         assert store.put("synthetic", toks, synthetic_prefix_cache(toks))
+    # storing it again (a server re-inserting its system prompt) is no hit: HITS counts loads served
+    assert store.put("synthetic", base, synthetic_prefix_cache(base))
+    assert [e.hits for e in store.entries()] == [0, 0, 0]
     own = {e.tokens: e for e in store.entries()}
     key_a = next(e.key for e in store.entries() if store.tokens_of(e.key) == a)
     blob_a = [x for x in {e.key: e for e in store.entries()}[key_a].blobs if x not in own[64].blobs][0]
