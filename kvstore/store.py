@@ -43,6 +43,8 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 
 # seconds a snapshot that failed to load is skipped by this process
 BAD_TTL = 60.0
+# seconds a put waits for the checks of snapshots that failed to load (it runs off the request's way)
+REPAIR_WAIT = 30.0
 # snapshots the store's own budget deletes at most per put
 EVICT_PER_PUT = 8
 # snapshots deleted in one index transaction by prune and the budget
@@ -174,6 +176,10 @@ class SnapshotStore:
 
         n, toks, key = len(chain), chain.tokens, chain.key(len(chain))
         sid, struct = codec.sig_id(sig), codec.structure(sig)
+        if self._bad and self.repairs is not None:
+            # a snapshot failed to load lately: let its check finish, so a damaged one is
+            # replaced by this put rather than found "already stored" or shared from
+            self.repairs.wait(REPAIR_WAIT)
         with self.index.read() as r:
             if _holds(r.snapshot(key), toks):
                 self._count("put_existing")
