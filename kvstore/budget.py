@@ -56,9 +56,10 @@ def default_budget(path, held=0):
 
 
 def resolve(max_bytes, path, held=0):
-    """A byte count (or ``None``: no budget) for ``max_bytes``: ``None``, ``"auto"`` or bytes."""
+    """A byte count (or ``None``: no budget) for ``max_bytes``: ``None``, ``"auto"`` or bytes
+    (``held``: the bytes the store holds, or a function returning them)."""
     if max_bytes == "auto":
-        return default_budget(path, held)
+        return default_budget(path, held() if callable(held) else held)
     return None if max_bytes is None else int(max_bytes)
 
 

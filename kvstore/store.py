@@ -70,10 +70,15 @@ class SnapshotStore:
         readonly: open without creating or writing anything.
         fsync: fsync blobs and folders (leave on outside tests and benchmarks).
         access_flush: seconds between batched writes of access times and hits.
+        repair: check each snapshot that fails to load and quarantine a damaged
+            blob with every snapshot reading it (``kvstore.quarantine``); False
+            leaves the store as found (a read-only store never repairs).
+
+    A folder that exists but cannot be written is opened read-only (logged once).
     """
 
     def __init__(self, path, *, map_size=None, block_tokens=None, max_bytes=None,
-                 readonly=False, fsync=True, access_flush=5.0):
+                 readonly=False, fsync=True, access_flush=5.0, repair=True):
         if hasattr(path, "index") and hasattr(path, "blobs"):
             self.backend = path
         else:
@@ -83,7 +88,7 @@ class SnapshotStore:
         self.path, self.block, self.map_size = b.path, b.block, getattr(b, "map_size", None)
         self.index, self.blobs, self.file_digests = b.index, b.blobs, getattr(b, "file_digests", None)
         self.readonly, self.fsync = b.readonly, fsync
-        self.max_bytes = None if self.readonly else budget.resolve(max_bytes, self.path, self.total_bytes())
+        self.max_bytes = None if self.readonly else budget.resolve(max_bytes, self.path, self.total_bytes)
         # this process's counters; written by the caller's and writer threads
         self.counters = Counter()
         self._count_lock = threading.Lock()
@@ -91,7 +96,7 @@ class SnapshotStore:
         self._chains = ChainCache()
         self.access = AccessLog(self.index, access_flush, self._fault)
         # snapshots that fail to load are checked (and quarantined) off the request's way
-        self.repairs = None if self.readonly else Repairs(self)
+        self.repairs = None if self.readonly or not repair else Repairs(self)
 
     def chain(self, fp, toks, tenant=None):
         """The ``TokenChain`` of ``toks`` (an int32 array) in ``fp``'s namespace, reusing

@@ -202,12 +202,13 @@ class LocalFolder:
 
 
 def writable(path):
-    """False if ``path`` is an existing store this process cannot write (a read-only
-    mount, an immutable folder, no write permission); True otherwise, including a
-    store yet to be created."""
+    """False if ``path`` is an existing store whose index this process cannot write (a
+    read-only mount, an immutable folder, no write permission); True otherwise,
+    including a store yet to be created. (A store whose index is writable but whose
+    blob folders are not is a damaged one: its puts fail open.)"""
     if not LocalFolder.is_store(path):
         return True
-    return all(os.access(p, os.W_OK) for p in (path, path / "index", path / "blobs", path / "tmp")
+    return all(os.access(p, os.W_OK) for p in (path, path / "index", path / "index" / "data.mdb")
                if os.path.lexists(p))
 
 
