@@ -10,14 +10,16 @@ minutes, not hours. An operator who wants more or less passes a size.
 Enforcing a budget removes snapshots lowest tier first (assistant, then
 user) and least recently used first within a tier; system snapshots (warmed
 system prompts) are removed only when nothing else is left. Each round of
-removals logs one line saying what went: INFO for lower tiers, WARNING
-when a system snapshot had to go. Policy and deletion are
+removals logs one line saying what went: INFO for lower tiers (on the write
+path at most one a minute, summed), WARNING when a system snapshot had to go. Policy and deletion are
 ``kvstore.maintenance.policy`` and ``SnapshotStore.delete_planned``; this
 module only decides the size and speaks.
 """
 
 import logging
 import os
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +30,13 @@ log = logging.getLogger("kvstore")
 
 DEFAULT_SHARE = 0.5
 DEFAULT_CAP = 50 * 10**9
+# snapshots the budget deletes at most per put (eviction on the write path is bounded)
+EVICT_PER_PUT = 8
+# seconds between log lines of write-path evictions of lower tiers (summed in between)
+REPORT_EVERY = 60.0
+# per store: [removed by tier, bytes, when last said] not logged yet
+_unsaid = {}
+_lock = threading.Lock()
 
 
 def human_size(n):
@@ -70,25 +79,47 @@ def plan(store, max_bytes, entries=None):
     return [e for e, _ in PrunePolicy(max_bytes=max_bytes).plan(entries, store.total_bytes())]
 
 
-def enforce(store, max_bytes, limit=None):
+def enforce(store, max_bytes, limit=None, quiet_for=0.0):
     """Remove what ``plan`` selects (at most ``limit`` snapshots) until the store
-    fits; log one line of what went. Returns ``(count, bytes freed)``."""
+    fits; log one line of what went (lower tiers at most once per ``quiet_for``
+    seconds, summed meanwhile). Returns ``(count, bytes freed)``."""
     if store.total_bytes() <= max_bytes:
         return 0, 0
     todo = plan(store, max_bytes)[:limit]
     gone = []
     count, freed = store.delete_planned(todo, max_bytes=max_bytes, on_delete=gone.append)
     if count:
-        report(store, max_bytes, gone, freed)
+        with _lock:
+            tally = _unsaid.setdefault(id(store), [Counter(), 0, 0.0])
+            tally[0].update(e.tier for e in gone)
+            tally[1] += freed
+            due = tally[0]["system"] or time.monotonic() - tally[2] >= quiet_for
+            if due:
+                tiers, total, _ = _unsaid.pop(id(store))
+                _unsaid[id(store)] = [Counter(), 0, time.monotonic()]
+        if due:
+            report(store, max_bytes, tiers, total)
     return count, freed
 
 
-def report(store, max_bytes, gone, freed):
-    """One log line: what a budget removed, by tier."""
-    tiers = Counter(e.tier for e in gone)
+def after_put(store):
+    """Bounded eviction on the write path: at most ``EVICT_PER_PUT`` snapshots; a fault
+    is logged and counted, never raised."""
+    from .errors import KVStoreError
+
+    try:
+        count, _ = enforce(store, store.max_bytes, limit=EVICT_PER_PUT, quiet_for=REPORT_EVERY)
+        store._count("evictions", count)
+    except (KVStoreError, OSError) as exc:
+        store._fault("evict", exc)
+
+
+def report(store, max_bytes, tiers, freed):
+    """One log line: what a budget removed (``tiers``: a count by tier)."""
+    n = sum(tiers.values())
     parts = ", ".join(f"{tiers[t]} {t}" for t in sorted(tiers, key=lambda t: TIER_RANK.get(t, -1)))
-    line = (f"kvstore: disk budget {human_size(max_bytes)}: removed {len(gone)} snapshot"
-            f"{'' if len(gone) == 1 else 's'} ({human_size(freed)}; {parts}), least recently used first; "
+    line = (f"kvstore: disk budget {human_size(max_bytes)}: removed {n} snapshot"
+            f"{'' if n == 1 else 's'} ({human_size(freed)}; {parts}), least recently used first; "
             f"the store holds {human_size(store.total_bytes())}")
     if tiers.get("system"):
         log.warning("%s. System prompts went because nothing else was left: raise the budget "

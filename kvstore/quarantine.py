@@ -152,11 +152,16 @@ class Repairs:
                 return False
             self.seen.add(kb)
             self.pending.append(kb)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="kvstore-repair", daemon=True)
-                self.thread.start()
+            self._start()
             self.cv.notify_all()
             return True
+
+    def _start(self):
+        """Start the thread if it is not running (first use, or in a child after fork)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.busy = False
+            self.thread = threading.Thread(target=self._run, name="kvstore-repair", daemon=True)
+            self.thread.start()
 
     def _run(self):
         from .writer import lower_priority
@@ -195,6 +200,8 @@ class Repairs:
     def wait(self, timeout=None):
         """Wait until every submitted snapshot is checked; False on timeout."""
         with self.cv:
+            if self.pending and not self.closed:
+                self._start()
             return self.cv.wait_for(lambda: not self.pending and not self.busy, timeout)
 
     def close(self, timeout=10.0):

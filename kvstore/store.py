@@ -45,8 +45,6 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 BAD_TTL = 60.0
 # seconds a put waits for the checks of snapshots that failed to load (it runs off the request's way)
 REPAIR_WAIT = 30.0
-# snapshots the store's own budget deletes at most per put
-EVICT_PER_PUT = 8
 # snapshots deleted in one index transaction by prune and the budget
 DELETE_BATCH = 256
 # loading faults: anything a damaged record or blob can make the restore path raise
@@ -220,7 +218,7 @@ class SnapshotStore:
         self._count("put_tokens_shared", base.tokens)
         self._count("bytes_written", snap.own_bytes)
         if self.max_bytes is not None:
-            self._enforce_budget()
+            budget.after_put(self)
         return key.hex()
 
     def _write_blobs(self, fp, chain, enc, sid, tier, tenanted, base, written):
@@ -489,15 +487,6 @@ class SnapshotStore:
                 self._bad.pop(kb, None)
                 self._count("deletes")
         return out, stop
-
-    def _enforce_budget(self):
-        """Bounded eviction on the write path: at most ``EVICT_PER_PUT`` snapshots per put,
-        system snapshots only when nothing else is left (``kvstore.budget``)."""
-        try:
-            count, _ = budget.enforce(self, self.max_bytes, limit=EVICT_PER_PUT)
-            self._count("evictions", count)
-        except (KVStoreError, OSError) as exc:
-            self._fault("evict", exc)
 
     # ------------------------------------------------------------ maintenance
     def verify(self, keys=None, fix=False, progress=None):
