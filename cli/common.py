@@ -6,6 +6,7 @@ fast and run on machines without a model.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def progress(args, total=None, desc=None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def not_created(args):
+    """True if nothing exists at the store path yet (a fresh machine: read commands show an empty store)."""
+    return not os.path.lexists(args.store)
 
 
 def open_store(args, write=False, create=False):

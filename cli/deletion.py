@@ -56,7 +56,7 @@ def remove(store, args, plan, planned, limit=None, frees=None):
             emit({"dry_run": True, "snapshots": rows(plan), "planned_bytes": planned,
                   "deleted": 0, "freed_bytes": 0})
         elif not args.quiet:
-            print(render(plan))
+            print(render(plan, frees=frees))
             print(f"\nWould delete {summary}; dry run, nothing deleted.")
         return 0
     if args.yes and human and not args.quiet:
@@ -80,8 +80,9 @@ def cmd_rm(args):
         entries = store.entries()
         by_key = {e.key: e for e in entries}
         plan = [by_key[k] for k in resolve(store, args.keys, by_key)]
-        frees = release(entries)
-        return remove(store, args, plan, sum(frees(e) for e in plan))
+        frees_of = release(entries)
+        frees = {e.key: frees_of(e) for e in plan}
+        return remove(store, args, plan, sum(frees.values()), frees=frees)
 
 
 def _tier_list(text):
@@ -92,6 +93,9 @@ def _tier_list(text):
 
 
 def prune_args(p):
+    p.epilog = ("--dry-run lists what would go with a FREES column: the bytes each deletion frees at its place "
+                "in the plan (a shared segment goes with the last snapshot reading it); their sum is what the "
+                "real run frees.")
     p.add_argument("--max-size", type=_arg(fmt.parse_size), metavar="SIZE",
                    help="delete until the store holds at most SIZE (e.g. 20GB)")
     p.add_argument("--older-than", type=_arg(fmt.parse_duration), metavar="DURATION",

@@ -7,10 +7,11 @@ import time
 from collections import Counter
 
 from kvstore import TIER_RANK, TIERS
+from kvstore.listing import footprint
 from kvstore.maintenance.policy import model_matches
 
 from . import fmt
-from .common import GRACE, SHORT_KEY, _arg, emit, open_store, plural
+from .common import GRACE, SHORT_KEY, _arg, emit, not_created, open_store, plural
 
 DECODE_WORDS = 8
 
@@ -26,6 +27,7 @@ FIELDS = {
     "tokens": ("count", lambda e: e.tokens),
     "hits": ("count", lambda e: e.hits),
     "size": ("size", lambda e: e.bytes),
+    "own": ("size", lambda e: e.unique_bytes),
     "shared": ("size", lambda e: e.shared_bytes),
     "accessed": ("age", lambda e: e.accessed),
     "created": ("age", lambda e: e.created),
@@ -90,6 +92,7 @@ SORTS = {
     "tier": lambda e: TIER_RANK.get(e.tier, -1),
     "tokens": lambda e: e.tokens,
     "size": lambda e: e.bytes,
+    "own": lambda e: e.unique_bytes,
     "shared": lambda e: e.shared_bytes,
     "hits": lambda e: e.hits,
     "accessed": lambda e: e.accessed,
@@ -128,34 +131,48 @@ def ordered(entries, field, descending):
 def row(e, text=None):
     """A snapshot as a JSON object (raw bytes, ISO 8601 times)."""
     out = {"key": e.key, "model": e.model, "fingerprint": e.fingerprint, "tier": e.tier, "tokens": e.tokens,
-           "bytes": e.bytes, "shared_bytes": e.shared_bytes, "hits": e.hits, "created": fmt.iso(e.created),
+           "bytes": e.bytes, "own_bytes": e.unique_bytes, "shared_bytes": e.shared_bytes, "hits": e.hits, "created": fmt.iso(e.created),
            "accessed": fmt.iso(e.accessed), "trimmable": e.trimmable}
     if text is not None:
         out["text"] = text
     return out
 
 
-HEADERS = ["KEY", "MODEL", "TIER", "TOKENS", "SIZE", "SHARED", "HITS", "ACCESSED", "AGE"]
-RIGHT = {"TOKENS", "SIZE", "SHARED", "HITS", "ACCESSED", "AGE"}
+HEADERS = ["KEY", "MODEL", "TIER", "TOKENS", "SIZE", "OWN", "SHARED", "HITS", "ACCESSED", "AGE"]
+RIGHT = {"TOKENS", "SIZE", "OWN", "SHARED", "HITS", "ACCESSED", "AGE", "FREES"}
+COLUMNS = ("SIZE is everything a snapshot reads (fixed for its life) = OWN (bytes only it holds: what "
+           "deleting it alone frees now) + SHARED (segments other snapshots read too). The closing total "
+           "counts each shared segment once: for the whole store it equals the store's bytes.")
 
 
-def render(entries, texts=None):
-    """Entries as an aligned table for people."""
+def render(entries, texts=None, frees=None):
+    """Entries as an aligned table for people (``frees``: a FREES column, bytes by key)."""
     now = time.time()
     rows = []
     for e in entries:
-        r = [e.key[:SHORT_KEY], e.model, e.tier, str(e.tokens), fmt.size(e.bytes), fmt.size(e.shared_bytes),
-             str(e.hits), fmt.ago(now - e.accessed) + " ago", fmt.ago(now - e.created)]
+        r = [e.key[:SHORT_KEY], e.model, e.tier, str(e.tokens), fmt.size(e.bytes), fmt.size(e.unique_bytes),
+             fmt.size(e.shared_bytes), str(e.hits), fmt.ago(now - e.accessed) + " ago", fmt.ago(now - e.created)]
+        r += [fmt.size(frees[e.key])] if frees is not None else []
         rows.append(r + ([texts[e.key]] if texts is not None else []))
-    return fmt.table(rows, HEADERS + (["TEXT"] if texts is not None else []), right=RIGHT)
+    headers = HEADERS + (["FREES"] if frees is not None else []) + (["TEXT"] if texts is not None else [])
+    return fmt.table(rows, headers, right=RIGHT)
+
+
+def total_line(entries, store_bytes, everything):
+    """``total: X own + Y shared (N segments) = Z``, and how that compares with the store."""
+    own, shared, n = footprint(entries)
+    line = (f"total: {plural(len(entries), 'snapshot')}, {fmt.size(own)} own + {fmt.size(shared)} shared "
+            f"({plural(n, 'segment')}) = {fmt.size(own + shared)}")
+    return line + (" (the whole store)" if everything else f" of the store's {fmt.size(store_bytes)}")
 
 
 # ---------------------------------------------------------------- commands
 def ls_args(p):
+    p.epilog = "columns: " + COLUMNS
     p.add_argument("-f", "--filter", dest="filters", action="append", default=[], type=_arg(parse_filter),
                    metavar="FILTER", help="keep snapshots matching FIELD OP VALUE, repeatable (AND): "
                    "tier=system, model=NAME (name or fingerprint prefix), key=PREFIX, tokens>1000, "
-                   "size>100MB, shared>1MB, hits=0, accessed>7d (last access longer ago), created<1h")
+                   "size>100MB, own>1MB, shared>1MB, hits=0, accessed>7d (last access longer ago), created<1h")
     p.add_argument("--sort", type=_arg(parse_sort), default=("model", False), metavar="FIELD",
                    help=f"sort by {', '.join(SORTS)}; a '-' prefix sorts descending; tier sorts in prune "
                    "order: assistant, user, system (default: model)")
@@ -199,19 +216,27 @@ def decode(store, entries):
 
 
 def cmd_ls(args):
-    """List snapshots."""
+    """List snapshots: SIZE = OWN + SHARED, and a total that adds up to the store's bytes."""
+    if not_created(args):
+        fmt.warn(f"no store at {args.store} yet ('kvstore serve', 'warm' or 'import' create it): it is empty")
+        if not args.quiet:
+            emit([]) if args.format == "json" else print(render([]) + "\n" + total_line([], 0, True))
+        return 0
     with open_store(args) as store:
-        entries = select(store.entries(), args.filters)
+        listed = store.entries()
+        entries = select(listed, args.filters)
         entries = ordered(entries, args.sort[0], args.sort[1] != args.reverse)[: args.limit]
         if args.quiet:
             for e in entries:
                 print(e.key)
             return 0
         texts = decode(store, entries) if args.decode else None
+        store_bytes = store.total_bytes()
     if args.format == "json":
         emit([row(e, texts and texts[e.key]) for e in entries])
     else:
         print(render(entries, texts))
+        print(total_line(entries, store_bytes, len(entries) == len(listed)))
     return 0
 
 
@@ -222,6 +247,13 @@ def stats_args(p):
 
 def cmd_stats(args):
     """Totals by model and tier, disk and LMDB map use, hits, what gc would clean."""
+    if not_created(args):
+        if args.format == "json":
+            emit({"path": args.store, "exists": False, "snapshots": 0, "bytes": 0})
+        else:
+            print(f"store      {args.store} (not created yet: 'kvstore serve', 'warm' or 'import' create it)")
+            print("snapshots  0")
+        return 0
     with open_store(args) as store:
         s = store.stats()
         clean = Counter(p.kind for p in store.gc(grace=args.grace, dry_run=True))

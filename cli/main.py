@@ -59,7 +59,8 @@ def global_options(suppress=False):
     p = argparse.ArgumentParser(add_help=False)
     d = argparse.SUPPRESS if suppress else None
     p.add_argument("--store", metavar="DIR", default=d,
-                   help="store directory (default: $KVSTORE_DIR, else the user cache folder + kvstore)")
+                   help=f"store directory (default: {default_store()}, from $KVSTORE_DIR, else the platform's "
+                   "cache folder + kvstore)")
     p.add_argument("--format", choices=("human", "json"), default=d,
                    help="output for people or for programs (default: human)")
     p.add_argument("-q", "--quiet", action="store_true", default=d,

@@ -27,6 +27,12 @@ def _parse_size(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _budget(text):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    return _parse_size(text)
+
+
 def _tiers(text):
     from kvstore import TIERS
 
@@ -44,9 +50,14 @@ def build_parser():
                     "are mlx_lm.server's own and pass through unchanged (see below).",
     )
     p.add_argument("-h", "--help", action="store_true", help="show this help and mlx_lm.server's, then exit")
-    p.add_argument("--store", metavar="DIR", help="store directory (default: $KVSTORE_DIR or the user cache folder)")
-    p.add_argument("--disk-max-bytes", type=_parse_size, metavar="SIZE",
-                   help="disk budget, e.g. 20GB: enforced at startup and after each write (default: none)")
+    from .main import default_store
+
+    p.add_argument("--store", metavar="DIR", help=f"store directory (default: {default_store()}, "
+                   "from $KVSTORE_DIR or the user cache folder); a read-only one is served read-only")
+    p.add_argument("--disk-max-bytes", type=_budget, default="auto", metavar="SIZE",
+                   help="disk budget: a size (e.g. 20GB), auto (half the free disk space, at most 50 GB) or "
+                   "none; enforced at startup and after each write, lower tiers first, system prompts only "
+                   "when nothing else is left (default: auto)")
     p.add_argument("--persist", type=_tiers, default=("system", "user"), metavar="TIERS",
                    help="tiers written to disk, comma-separated, or none (default: system,user)")
     p.add_argument("--no-disk", action="store_true", help="memory tier only, like plain mlx_lm.server")
@@ -90,21 +101,14 @@ def cache_options(opts):
 def open_store(path, max_bytes):
     """Open the store and enforce its budget; ``None`` (with a warning) if it cannot be opened."""
     from kvstore import KVStoreError, SnapshotStore
+    from kvstore.budget import at_startup
 
     try:
         store = SnapshotStore(path, max_bytes=max_bytes)
     except (KVStoreError, OSError) as exc:
         log.warning("kvstore: cannot open the store at %s (%s); serving without the disk tier", path, exc)
         return None
-    if max_bytes is not None:
-        try:
-            count, freed = store.prune(max_bytes=max_bytes)
-            if count:
-                log.info("kvstore: pruned %d snapshots (%d bytes) to fit the %d-byte disk budget", count, freed,
-                         max_bytes)
-        except (KVStoreError, OSError) as exc:
-            log.warning("kvstore: could not enforce the disk budget: %s", exc)
-    log.info("kvstore: persistent prompt cache at %s (%d bytes in snapshots)", store.path, store.total_bytes())
+    at_startup(store, max_bytes)
     return store
 
 

@@ -27,11 +27,14 @@ class AccessLog:
         self._at_exit = _flush_at_exit(weakref.ref(self))
         atexit.register(self._at_exit)
 
-    def touch(self, key):
-        """Note one hit of snapshot ``key`` now."""
+    def touch(self, key, hit=True):
+        """Note a use of snapshot ``key`` now: a hit, or (``hit=False``) a put that found
+        it stored, which keeps it fresh without counting a hit. Nothing in a read-only store."""
+        if self.index.readonly:
+            return
         with self._lock:
             _last, hits = self._pending.get(key, (0.0, 0))
-            self._pending[key] = (time.time(), hits + 1)
+            self._pending[key] = (time.time(), hits + int(hit))
             if self._since is None:
                 self._since = time.monotonic()
             due = time.monotonic() - self._since >= self.interval or len(self._pending) >= BATCH

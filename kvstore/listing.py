@@ -1,9 +1,13 @@
 """Listing a store: snapshots with their sizes, models, totals by model and tier.
 
-Read from one index view, no blob I/O. Sizes come from the segment records:
-``bytes`` splits each shared segment evenly between its users,
-``shared_bytes`` counts segments others use too, ``unique_bytes`` what
-deleting the snapshot alone frees now.
+Read from one index view, no blob I/O. Sizes come from the segment records
+and add up: ``bytes`` is everything a snapshot reads (its own blobs and the
+shared segments it uses), fixed for its life; ``unique_bytes`` (OWN) the
+bytes only it holds, which is what deleting it alone frees now;
+``shared_bytes`` the rest, segments other snapshots use too. The OWN bytes
+of every snapshot plus each shared segment once is the store's total.
+``split_bytes`` splits each shared segment evenly between its users, so
+totals by model or tier add up to the store's bytes too.
 """
 
 from .errors import CorruptSnapshot
@@ -64,7 +68,7 @@ def totals(listed, index):
         for d in (m, by_tier.setdefault(e.tier, {"snapshots": 0, "tokens": 0, "bytes": 0})):
             d["snapshots"] += 1
             d["tokens"] += e.tokens
-            d["bytes"] += e.bytes
+            d["bytes"] += e.split_bytes
     map_size, map_used = index.usage()
     with index.read() as r:
         segs, indexed = r.count("segments"), r.counter("bytes")
@@ -84,25 +88,40 @@ def _model_name(r, fingerprint):
 
 def _info(r, k, snap, name, segs):
     """The ``SnapshotInfo`` of one decoded record, sizes from its segment records."""
-    share = shared = unique = 0
-    sizes = {}
+    size = split = own = 0
+    sizes, shared = {}, []
     for e in snap.extents:
-        size, refs = segs.get(e.segment, (0, 1))
-        sizes[e.segment.hex()] = size
-        share += size // refs
-        if refs > 1:
-            shared += size
+        seg_size, refs = segs.get(e.segment, (0, 1))
+        sizes[e.segment.hex()] = seg_size
+        size += seg_size
+        split += seg_size // refs
+        if refs <= 1:
+            own += seg_size
         else:
-            unique += size
+            shared.append(e.segment.hex())
     if snap.state:
         sizes[snap.state.blob.hex()] = snap.state.size
-        share += snap.state.size
-        unique += snap.state.size
+        size += snap.state.size
+        split += snap.state.size
+        own += snap.state.size
     acc_raw = r.access(k)
     acc = decode_access(acc_raw) if acc_raw is not None else None
     accessed = acc.accessed if acc is not None and acc.accessed else snap.created
     return SnapshotInfo(
-        key=k.hex(), fingerprint=snap.fingerprint, model=name, tier=snap.tier, tokens=snap.n_tokens, bytes=share,
-        shared_bytes=shared, unique_bytes=unique, created=snap.created, accessed=accessed,
+        key=k.hex(), fingerprint=snap.fingerprint, model=name, tier=snap.tier, tokens=snap.n_tokens, bytes=size,
+        shared_bytes=size - own, unique_bytes=own, created=snap.created, accessed=accessed,
         hits=acc.hits if acc is not None else 0, trimmable=snap.trimmable, blobs=list(sizes), blob_bytes=sizes,
+        split_bytes=split, shared_blobs=shared,
     )
+
+
+def footprint(listed):
+    """``(own bytes, shared bytes, shared blobs)`` of ``listed``: their OWN bytes, and each
+    blob that several of them (or others) read counted once. For every snapshot of a
+    store, own + shared is the store's total bytes."""
+    own = sum(e.unique_bytes for e in listed)
+    shared = {}
+    for e in listed:
+        for b in e.shared_blobs:
+            shared[b] = e.blob_bytes.get(b, 0)
+    return own, sum(shared.values()), len(shared)

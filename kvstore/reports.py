@@ -12,10 +12,13 @@ from typing import NamedTuple
 class SnapshotInfo:
     """One snapshot as ``entries()`` lists it (no blob I/O needed).
 
-    ``blobs`` are the blob ids it reads and ``blob_bytes`` their sizes;
-    ``bytes`` splits each shared segment evenly between its users,
-    ``shared_bytes`` counts segments other snapshots use too and
-    ``unique_bytes`` what deleting it alone frees now.
+    ``blobs`` are the blob ids it reads and ``blob_bytes`` their sizes.
+    Sizes add up: ``bytes`` (SIZE) is everything it reads, fixed for its
+    life; ``unique_bytes`` (OWN) the bytes only it holds, which is what
+    deleting it alone frees now; ``shared_bytes`` (SHARED) the rest: the
+    segments in ``shared_blobs``, which other snapshots read too.
+    ``split_bytes`` splits each shared segment evenly between its users
+    (totals by model or tier add up to the store's bytes).
     """
 
     key: str
@@ -32,6 +35,13 @@ class SnapshotInfo:
     blobs: list = field(default_factory=list)
     unique_bytes: int = 0
     blob_bytes: dict = field(default_factory=dict)
+    split_bytes: int = 0
+    shared_blobs: list = field(default_factory=list)
+
+    @property
+    def own_bytes(self):
+        """Bytes only this snapshot holds (``unique_bytes``)."""
+        return self.unique_bytes
 
     def token_ids(self, store):
         """The snapshot's token ids (read from the index)."""

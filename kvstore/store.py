@@ -24,13 +24,14 @@ import threading
 import time
 from collections import Counter
 
-from . import listing
+from . import budget, listing
 from .access import AccessLog
 from .backends.local import LocalFolder
 from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable
 from .keys import ChainCache, as_tokens, namespace
 from .loader import load
 from .maintenance.policy import PrunePolicy
+from .quarantine import Repairs
 from .matching import DedupBase, dedup_base, plan_fetch
 from .records import FORMAT_VERSION, TIERS, Extent, Model, Segment, Snapshot, decode_model, decode_snapshot, unpack
 from .reports import Match, Problem, SnapshotInfo
@@ -42,8 +43,8 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 
 # seconds a snapshot that failed to load is skipped by this process
 BAD_TTL = 60.0
-# snapshots the store's own budget deletes at most per put
-EVICT_PER_PUT = 8
+# seconds a put waits for the checks of snapshots that failed to load (it runs off the request's way)
+REPAIR_WAIT = 30.0
 # snapshots deleted in one index transaction by prune and the budget
 DELETE_BATCH = 256
 # loading faults: anything a damaged record or blob can make the restore path raise
@@ -60,15 +61,22 @@ class SnapshotStore:
             elsewhere), in which case the folder options below do not apply.
         map_size: LMDB map size in bytes, fixed when the store is created.
         block_tokens: token block size of the key chain, fixed at creation.
-        max_bytes: optional disk budget; ``put`` evicts a bounded number of
-            lower-tier, least recently used snapshots to stay under it.
+        max_bytes: optional disk budget in bytes, or ``"auto"`` (half the free
+            disk space, at most 50 GB: ``kvstore.budget``); ``put`` evicts a
+            bounded number of lower-tier, least recently used snapshots to stay
+            under it (system snapshots only when nothing else is left).
         readonly: open without creating or writing anything.
         fsync: fsync blobs and folders (leave on outside tests and benchmarks).
         access_flush: seconds between batched writes of access times and hits.
+        repair: check each snapshot that fails to load and quarantine a damaged
+            blob with every snapshot reading it (``kvstore.quarantine``); False
+            leaves the store as found (a read-only store never repairs).
+
+    A folder that exists but cannot be written is opened read-only (logged once).
     """
 
     def __init__(self, path, *, map_size=None, block_tokens=None, max_bytes=None,
-                 readonly=False, fsync=True, access_flush=5.0):
+                 readonly=False, fsync=True, access_flush=5.0, repair=True):
         if hasattr(path, "index") and hasattr(path, "blobs"):
             self.backend = path
         else:
@@ -77,13 +85,16 @@ class SnapshotStore:
         b = self.backend
         self.path, self.block, self.map_size = b.path, b.block, getattr(b, "map_size", None)
         self.index, self.blobs, self.file_digests = b.index, b.blobs, getattr(b, "file_digests", None)
-        self.readonly, self.fsync, self.max_bytes = b.readonly, fsync, max_bytes
+        self.readonly, self.fsync = b.readonly, fsync
+        self.max_bytes = None if self.readonly else budget.resolve(max_bytes, self.path, self.total_bytes)
         # this process's counters; written by the caller's and writer threads
         self.counters = Counter()
         self._count_lock = threading.Lock()
         self._bad = {}
         self._chains = ChainCache()
         self.access = AccessLog(self.index, access_flush, self._fault)
+        # snapshots that fail to load are checked (and quarantined) off the request's way
+        self.repairs = None if self.readonly or not repair else Repairs(self)
 
     def chain(self, fp, toks, tenant=None):
         """The ``TokenChain`` of ``toks`` (an int32 array) in ``fp``'s namespace, reusing
@@ -97,6 +108,8 @@ class SnapshotStore:
 
     def close(self):
         """Flush pending access updates and release the index and folders."""
+        if self.repairs is not None:
+            self.repairs.close()
         self.access.close()
         self.backend.close()
 
@@ -166,10 +179,14 @@ class SnapshotStore:
 
         n, toks, key = len(chain), chain.tokens, chain.key(len(chain))
         sid, struct = codec.sig_id(sig), codec.structure(sig)
+        if self._bad and self.repairs is not None:
+            # a snapshot failed to load lately: let its check finish, so a damaged one is
+            # replaced by this put rather than found "already stored" or shared from
+            self.repairs.wait(REPAIR_WAIT)
         with self.index.read() as r:
             if _holds(r.snapshot(key), toks):
                 self._count("put_existing")
-                self.access.touch(key)
+                self.access.touch(key, hit=False)  # a put is no hit: HITS counts loads served
                 return key.hex()
             known = r.model(str(fp))
             if known is not None:
@@ -201,7 +218,7 @@ class SnapshotStore:
         self._count("put_tokens_shared", base.tokens)
         self._count("bytes_written", snap.own_bytes)
         if self.max_bytes is not None:
-            self._enforce_budget()
+            budget.after_put(self)
         return key.hex()
 
     def _write_blobs(self, fp, chain, enc, sid, tier, tenanted, base, written):
@@ -290,8 +307,14 @@ class SnapshotStore:
                                min_tokens=min_tokens)
         for key, exc in found.corrupt:
             self._fault("fetch", exc, key.hex())
-            self._bad[key] = time.monotonic()
+            self._failed(key)
         return found.plans
+
+    def _failed(self, key):
+        """Skip ``key`` for a while; have it checked and, if damaged, quarantined."""
+        self._bad[key] = time.monotonic()
+        if self.repairs is not None:
+            self.repairs.submit(key)
 
     def _load(self, fp, chain, plan):
         try:
@@ -299,8 +322,8 @@ class SnapshotStore:
         except LOAD_FAULTS as exc:
             # RuntimeError: MLX refusing what a damaged record asks of it
             self._count("misses.corrupt")
-            self._bad[plan.key] = time.monotonic()
             self._fault("load", exc if isinstance(exc, KVStoreError) else CorruptSnapshot(repr(exc)), plan.key.hex())
+            self._failed(plan.key)
             return None
         self._count("bytes_read", nread)
         return cache
@@ -464,16 +487,6 @@ class SnapshotStore:
                 self._bad.pop(kb, None)
                 self._count("deletes")
         return out, stop
-
-    def _enforce_budget(self):
-        """Bounded eviction on the write path: at most ``EVICT_PER_PUT`` snapshots per put."""
-        try:
-            if self.total_bytes() <= self.max_bytes:
-                return
-            count, _ = self.prune(PrunePolicy(max_bytes=self.max_bytes), limit=EVICT_PER_PUT)
-            self._count("evictions", count)
-        except (KVStoreError, OSError) as exc:
-            self._fault("evict", exc)
 
     # ------------------------------------------------------------ maintenance
     def verify(self, keys=None, fix=False, progress=None):

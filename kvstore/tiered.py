@@ -31,6 +31,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from . import notices
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
 from .memory import MemoryTier
@@ -243,7 +244,8 @@ class TieredPromptCache:
         ``tokens.reused`` (``.memory`` / ``.disk``), ``bytes.read``,
         ``bytes.written``, ``writes.queued`` / ``done`` / ``dropped`` /
         ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
-        ``disk.faults`` and the memory tier's ``memory.entries`` /
+        ``disk.faults``, ``faults`` (every fault once, the store's failed
+        loads included) and the memory tier's ``memory.entries`` /
         ``memory.bytes`` / ``memory.evicted``.
         """
         out = self._count.snapshot()
@@ -260,7 +262,10 @@ class TieredPromptCache:
         if self._store_counters is not None:
             # faults the store absorbed itself (corrupt or missing blobs, I/O errors)
             sc = self._store_counters
-            out.update({f"store.{k}": sc[k] for k in ("faults", "misses.corrupt", "put_failures")})
+            out.update({f"store.{k}": sc[k] for k in ("faults", "misses.corrupt", "put_failures", "quarantined")})
+        # every fault once: the store's own (failed loads among them) and this cache's (a failed
+        # write is counted by both)
+        out["faults"] = out["disk.faults"] + out.get("store.faults", 0) - out.get("store.put_failures", 0)
         return out
 
     def _maybe_log(self):
@@ -273,7 +278,7 @@ class TieredPromptCache:
             "%d bytes read, %d bytes written, %d writes dropped, %d faults, queue %d/%d",
             c["fetches"], c["hits.memory"], c["hits.disk"], c["misses"], c["tokens.reused"],
             c["tokens.requested"], c["bytes.read"], c["bytes.written"], c["writes.dropped"],
-            c["disk.faults"], c["queue.depth"], c["queue.size"],
+            c["faults"], c["queue.depth"], c["queue.size"],
         )
 
     # ------------------------------------------------------------ model keys
@@ -446,6 +451,8 @@ class TieredPromptCache:
         key, fp = self._key(model, tenant)
         self._promoted()
         persist = self._writer is not None and fp is not None and cache_type in self.persist and tokens
+        if self._writer is not None and fp is not None and cache_type not in self.persist:
+            notices.memory_only(cache_type, self.persist)
         cache = _detach(prompt_cache)
         if persist:
             cache = _ready(cache)

@@ -159,6 +159,14 @@ class _View:
             self.txn.put(identity, raw, db=self.dbs["files"])
 
 
+def _denied(exc):
+    """True for an LMDB error that says the file may not be opened for writing."""
+    import errno
+
+    return getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS) or any(
+        text in str(exc) for text in ("Permission denied", "Operation not permitted", "Read-only file system"))
+
+
 class LmdbIndex:
     """The ``Index`` of a local store: an LMDB environment in ``path``."""
 
@@ -185,13 +193,23 @@ class LmdbIndex:
             self._open_new()
             _OPEN[key] = [self._env, self._dbs, 1]
 
+    def _lmdb_open(self, lock):
+        return lmdb.open(
+            self.path, map_size=self.map_size, subdir=True, max_dbs=len(DBS) + 1,
+            readonly=self.readonly, lock=lock, metasync=False, sync=True,
+            readahead=False, max_readers=512, mode=0o600, create=not self.readonly,
+        )
+
     def _open_new(self):
         try:
-            env = lmdb.open(
-                self.path, map_size=self.map_size, subdir=True, max_dbs=len(DBS) + 1,
-                readonly=self.readonly, lock=True, metasync=False, sync=True,
-                readahead=False, max_readers=512, mode=0o600, create=not self.readonly,
-            )
+            try:
+                env = self._lmdb_open(lock=True)
+            except lmdb.Error as exc:
+                # a read-only index whose lock file this process may not open (an immutable
+                # or foreign-owned folder): read it lock-free, as LMDB does on a read-only mount
+                if not (self.readonly and _denied(exc)):
+                    raise
+                env = self._lmdb_open(lock=False)
         except lmdb.Error as exc:
             raise StoreUnavailable(f"cannot open the index at {self.path}: {exc}") from exc
         try:

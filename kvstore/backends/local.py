@@ -42,6 +42,11 @@ class LocalFolder:
 
     def __init__(self, path, *, map_size=None, block_tokens=None, readonly=False, fsync=True):
         self.path = Path(os.path.realpath(os.fspath(path)))
+        if not readonly and not writable(self.path):
+            # a warmed store shipped on a read-only volume (an image, a shared mount): serve hits from it
+            log.warning("kvstore: %s is not writable: opened read-only (hits are served, nothing is written)",
+                        self.path)
+            readonly = True
         self.readonly, self.fsync = readonly, fsync
         self.folder = Folder(self.path)
         settings = self._open_root(map_size, block_tokens)
@@ -194,6 +199,17 @@ class LocalFolder:
     def close(self):
         self.folder.close()
         self.index.close()
+
+
+def writable(path):
+    """False if ``path`` is an existing store whose index this process cannot write (a
+    read-only mount, an immutable folder, no write permission); True otherwise,
+    including a store yet to be created. (A store whose index is writable but whose
+    blob folders are not is a damaged one: its puts fail open.)"""
+    if not LocalFolder.is_store(path):
+        return True
+    return all(os.access(p, os.W_OK) for p in (path, path / "index", path / "index" / "data.mdb")
+               if os.path.lexists(p))
 
 
 class FileDigests:

@@ -19,6 +19,7 @@ import io
 import os
 import tarfile
 import time
+import zlib
 
 import msgpack
 
@@ -164,6 +165,8 @@ def import_archive(store, archive, progress=None):
     if store.readonly:
         raise StoreUnavailable("the store is open read-only")
     problems = _Problems()
+    for name in orphaned_temps(store):  # left by an import that was killed
+        _unlink_tmp(store, name)
     tar, first = _open_tar(archive)
     with tar:
         refs = _BlobRefs()
@@ -174,7 +177,7 @@ def import_archive(store, archive, progress=None):
         _check_room(store, declared)
         arrived = {}
         try:
-            _copy_blobs(store, tar, first, declared, arrived, problems, progress)
+            _copy_blobs(store, tar, first, declared, arrived, problems, progress, archive)
             added, added_bytes = _index_snapshots(store, archive, segments, models, arrived, problems)
         finally:
             for tmp_name in arrived.values():
@@ -202,9 +205,26 @@ def _check_room(store, declared):
         raise StoreUnavailable(f"the archive's blobs need {need} bytes and the store's disk has {free} free")
 
 
-def _copy_blobs(store, tar, first, declared, arrived, problems, progress):
+class Truncated(InvalidInput):
+    """The archive ends (or its compression breaks) before its last member: nothing is imported."""
+
+
+def _members(tar, archive):
+    """The tar's members; a truncated or damaged stream is ``Truncated``, never a tarfile error."""
+    it = iter(tar)
+    while True:
+        try:
+            member = next(it)
+        except StopIteration:
+            return
+        except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+            raise Truncated(f"{archive} is truncated or damaged ({exc}); nothing imported") from None
+        yield member
+
+
+def _copy_blobs(store, tar, first, declared, arrived, problems, progress, archive=""):
     """Copy each declared blob member into tmp/ (up to its declared size) and verify it."""
-    for member in tar:
+    for member in _members(tar, archive):
         if member is first:
             continue
         name = member.name
@@ -227,15 +247,45 @@ def _copy_blobs(store, tar, first, declared, arrived, problems, progress):
             continue  # already here; verified when a record claims it
         try:
             arrived[blob_id] = _import_blob(store, tar.extractfile(member), blob_id, size, hs)
-        except (CorruptSnapshot, OSError, EOFError, tarfile.TarError) as exc:
+        except (EOFError, tarfile.ReadError, zlib.error, _EndsEarly) as exc:
+            raise Truncated(f"{archive} is truncated or damaged ({exc}); nothing imported") from None
+        except (CorruptSnapshot, OSError, tarfile.TarError) as exc:
             problems.add("import", None, blob_id, f"{type(exc).__name__}: {exc}")
         if progress:
             progress(1)
 
 
+class _EndsEarly(CorruptSnapshot):
+    """A blob member ends before the size the manifest declares (a truncated archive)."""
+
+
+def temp_owner(name):
+    """The process id an import's temp file name carries (``<blob>.import.<pid>.<rand>``), or ``None``."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[1] == "import" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def orphaned_temps(store):
+    """Temp files of imports whose process is gone (killed mid-import): safe to remove at once."""
+    return [name for name, _st in store.blobs.temp_files()
+            if temp_owner(name) not in (None, os.getpid()) and not _alive(temp_owner(name))]
+
+
 def _import_blob(store, src, blob_id, size, header_sum):
     """Stream exactly ``size`` bytes of one member into tmp/, fsync, verify; return the temp name."""
-    tmp_name = f"{blob_id}.import.{new_id()[:8]}"
+    tmp_name = f"{blob_id}.import.{os.getpid()}.{new_id()[:8]}"
     tmp_fd = store.blobs.folder.fd("tmp")
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600, dir_fd=tmp_fd)
     try:
@@ -244,7 +294,7 @@ def _import_blob(store, src, blob_id, size, header_sum):
             while left:
                 chunk = src.read(min(COPY_CHUNK, left))
                 if not chunk:
-                    raise CorruptSnapshot(f"blob {blob_id} ends {left} bytes early")
+                    raise _EndsEarly(f"blob {blob_id} ends {left} bytes early")
                 f.write(chunk)
                 left -= len(chunk)
             f.flush()

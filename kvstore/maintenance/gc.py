@@ -46,8 +46,11 @@ def _sizes(segs):
 
 
 def _temp_files(store, now, grace, dry_run, found):
+    from .archive import orphaned_temps
+
+    dead = set(orphaned_temps(store))  # an import's, whose process is gone: no grace needed
     for name, st in store.blobs.temp_files():
-        if now - st.st_mtime >= grace:
+        if now - st.st_mtime >= grace or name in dead:
             found.append(Problem("temp", None, None, f"temp file {name}"))
             if not dry_run:
                 store.blobs.remove_temp(name)
@@ -103,9 +106,11 @@ def gc(store, grace=3600.0, dry_run=False):
         bad = [p for p in bad if bytes.fromhex(p.key) in broken]
         found.extend(bad)
         if not dry_run:
-            for p in bad:
-                if p.kind == "corrupt" and store.blobs.quarantine(p.blob):
-                    store._count("quarantined")
+            from ..quarantine import retire
+
+            # each blob with every snapshot reading it, its segment record first (no new user can share it)
+            for blob_id, reason in {p.blob: p.reason for p in bad}.items():
+                retire(store, blob_id, reason)
     stale_segs = [s for s in segs if users[s] == 0]
     stale_acc = [k for k in accs if k not in raws]
     for s in stale_segs:

@@ -3,9 +3,11 @@
 A record is checked as a reader would (format, tokens, extents covering
 its tokens, segments of its own model at the right positions); each blob
 once, whatever the number of snapshots sharing it. With ``fix`` the bad
-blobs go to ``quarantine/`` and the snapshots using them are deleted, only
-if their records are still the ones the scan saw (other processes may
-delete and store again meanwhile). Never on the request path.
+blobs are retired as a failed load retires them (``kvstore.quarantine``):
+moved to ``quarantine/``, their segment records deleted so no new snapshot
+shares them, and the snapshots using them deleted, only if their records
+are still the ones the scan saw (other processes may delete and store
+again meanwhile). Never on the request path.
 """
 
 from ..errors import CorruptSnapshot
@@ -86,9 +88,12 @@ def verify(store, wanted=None, fix=False, progress=None):
         bad_keys = [k for k in bad_keys if k.hex() in live]
         checked = {b: why for b, why in checked.items() if why is None or any(p.blob == b for p in problems)}
     if fix:
+        from ..quarantine import retire
+
+        # each bad blob with every snapshot reading it, its segment record first (no new user can share it)
         for blob_id, reason in checked.items():
-            if reason is not None and store.blobs.quarantine(blob_id):
-                store._count("quarantined")
+            if reason is not None:
+                retire(store, blob_id, reason)
         for kb in dict.fromkeys(bad_keys):
             store.remove(kb, expect=scanned.get(kb))
     return problems

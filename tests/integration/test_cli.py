@@ -201,10 +201,16 @@ def test_help_version_and_usage_errors(store):
 
 def test_missing_store_is_never_created(tmp_path):
     missing = tmp_path / "nope"
-    calls = (["ls"], ["stats"], ["verify"], ["export", tmp_path / "a.tar"], ["rm", "-y", "abcd"],
+    calls = (["verify"], ["export", tmp_path / "a.tar"], ["rm", "-y", "abcd"],
              ["prune", "--tier", "user", "-y"], ["gc"])
     for p in kv_all(*calls, store=missing):
         one_line_error(p, 1, f"no kvstore store at {missing}")
+    # a fresh machine: ls and stats show an empty store (and still create nothing)
+    ls, js, stats = kv_all(["ls"], ["--format", "json", "ls"], ["stats"], store=missing)
+    assert ls.returncode == js.returncode == stats.returncode == 0, (ls.stderr, js.stderr, stats.stderr)
+    assert ls.stdout.splitlines()[0].split()[:5] == ["KEY", "MODEL", "TIER", "TOKENS", "SIZE"]
+    assert "0 snapshots" in ls.stdout and f"no store at {missing}" in ls.stderr
+    assert json.loads(js.stdout) == [] and "not created yet" in stats.stdout
     assert not missing.exists()
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("hi")
@@ -218,7 +224,11 @@ def test_store_location_from_env_and_platform(store, tmp_path):
     env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     default = (tmp_path / "Library" / "Caches" / "kvstore" if sys.platform == "darwin"
                else tmp_path / "xdg" / "kvstore")
-    one_line_error(kv("ls", env=env), 1, f"no kvstore store at {default}")
+    one_line_error(kv("gc", env=env), 1, f"no kvstore store at {default}")
+    assert f"no store at {default}" in kv("ls", env=env).stderr
+    for args in (["--help"], ["ls", "--help"]):  # the real path, not "the user cache folder"
+        # (argparse wraps a long path anywhere)
+        assert f"default:{default}," in "".join(kv(*args, env=env).stdout.split())
     assert not default.exists()
     assert len(ok("ls", "-q", env=env | {"KVSTORE_DIR": str(store)}).stdout.split()) == 7
 
@@ -227,8 +237,8 @@ def test_store_location_from_env_and_platform(store, tmp_path):
 def test_ls_human_json_quiet(store, seed):
     p = ok("ls", store=store)
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["KEY", "MODEL", "TIER", "TOKENS", "SIZE", "SHARED", "HITS", "ACCESSED", "AGE"]
-    assert len(lines) == 8
+    assert lines[0].split() == ["KEY", "MODEL", "TIER", "TOKENS", "SIZE", "OWN", "SHARED", "HITS", "ACCESSED", "AGE"]
+    assert len(lines) == 9 and lines[-1].startswith("total: 7 snapshots") and lines[-1].endswith("(the whole store)")
     for key, snap in seed.snaps.items():
         line = next(ln for ln in lines if ln.startswith(key[:12]))
         assert f" {snap.tier} " in line and f" {len(snap.tokens)} " in line
