@@ -243,7 +243,11 @@ class TieredPromptCache:
         ``tokens.reused`` (``.memory`` / ``.disk``), ``bytes.read``,
         ``bytes.written``, ``writes.queued`` / ``done`` / ``dropped`` /
         ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
-        ``disk.faults`` and the memory tier's ``memory.entries`` /
+        ``disk.faults``, ``disk.skipped`` (memory served every full key block:
+        no lookup), ``preload.done`` / ``preload.skipped`` / ``preload.dropped``
+        (loaded, over the budget, no room left in memory),
+        ``promotions.waits`` / ``promotions.taken`` (a fetch waited for a load,
+        took a queued preload itself) and the memory tier's ``memory.entries`` /
         ``memory.bytes`` / ``memory.evicted``.
         """
         out = self._count.snapshot()
