@@ -15,11 +15,14 @@ budget (a loaded snapshot that no longer fits is dropped, never evicting
 what requests put there).
 """
 
+import logging
 import threading
 from dataclasses import dataclass
 
 from .errors import CorruptSnapshot
 from .records import TIERS, decode_access, decode_segment, decode_snapshot
+
+log = logging.getLogger("kvstore")
 
 TIER_ORDER = {t: i for i, t in enumerate(("system", "user", "assistant"))}
 
@@ -121,6 +124,9 @@ def preload_plan(store, key_of, model, entries, nbytes):
     if fp is None or entries < 1:
         return []
     budget = Budget(entries, nbytes)
-    chosen = choose(candidates(store.index, fp), entries, nbytes)
+    found = candidates(store.index, fp)
+    chosen = choose(found, entries, nbytes)
+    log.info("kvstore: preloading %d of %d snapshots (%d bytes) into memory", len(chosen), len(found),
+             sum(c.nbytes for c in chosen))
     # one token more than the snapshot holds: the store serves the whole snapshot, as for a promotion
     return [Ticket(key, c.tokens + c.tokens[-1:], len(c.tokens), fp, c.tier, budget=budget) for c in chosen]

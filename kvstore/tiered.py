@@ -245,7 +245,11 @@ class TieredPromptCache:
         ``bytes.written``, ``writes.queued`` / ``done`` / ``dropped`` /
         ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
         ``disk.faults``, ``faults`` (every fault once, the store's failed
-        loads included) and the memory tier's ``memory.entries`` /
+        loads included), ``disk.skipped`` (memory served every full key block:
+        no lookup), ``preload.done`` / ``preload.skipped`` / ``preload.dropped``
+        (loaded, over the budget, no room left in memory),
+        ``promotions.waits`` / ``promotions.taken`` (a fetch waited for a load,
+        took a queued preload itself) and the memory tier's ``memory.entries`` /
         ``memory.bytes`` / ``memory.evicted``.
         """
         out = self._count.snapshot()
