@@ -27,6 +27,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .codec import cache_tokens
 from .fingerprint import fingerprint as make_fingerprint
+from .resume import checkpoint_reply, initial_state, reply_end, reply_message, resume_segments, trimmable
 from .tiered import TieredPromptCache
 
 log = logging.getLogger("kvstore")
@@ -162,7 +163,11 @@ class CallInfo:
     ``cached_tokens`` of ``prompt_tokens`` came from ``source`` (``"memory"``,
     ``"disk"`` or ``None``) out of an entry of ``tier``; ``prefilled`` were
     computed; ``checkpoints`` are the ``(tokens, tier)`` inserted at segment
-    ends; ``generated`` counts the tokens produced so far.
+    ends; ``generated`` counts the tokens produced so far. After the reply,
+    ``reply`` is the assistant message as mlx_lm.server would return it
+    (``content``, ``reasoning``, ``tool_calls``): sent back as the next
+    request's history, the chat resumes from ``resume_tokens``, where a
+    checkpoint was placed (caches that cannot be trimmed only).
     """
 
     prompt_tokens: int
@@ -175,6 +180,9 @@ class CallInfo:
     generated: int = 0
     fetch_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    reply: dict | None = None
+    resume_tokens: int | None = None
+    resume_seconds: float = 0.0
 
     @property
     def hit_share(self):
@@ -282,6 +290,9 @@ class PromptSession:
         if cache is None:
             cache = make_prompt_cache(model, max_kv_size=self.cache_options.get("max_kv_size"))
         skip_cached(segments, types, got.reused)
+        resumable = not trimmable(cache)
+        if resumable:
+            resume_segments(segments, types)
         kw = self._gen_kwargs()
         pos = got.reused
         t0 = time.perf_counter()
@@ -310,6 +321,24 @@ class PromptSession:
             # every yielded token has been fed to the cache (mlx-lm steps before it yields)
             if whole and out and self._holds(cache, len(prompt) + len(out)):
                 cache_store.insert_cache(self._key, prompt + out, cache, cache_type="assistant")
+                self._resume_point(info, messages, tools, prompt, out, cache, resumable)
+
+    def _resume_point(self, info, messages, tools, prompt, out, cache, resumable):
+        """The reply as it comes back, and (non-trimmable caches) a checkpoint at its end."""
+        t0 = time.perf_counter()
+        stopped = out[-1] in self.tokenizer.eos_token_ids
+        info.reply = reply_message(self.tokenizer, out, initial_state(self.tokenizer, prompt), tools, stopped)
+        if not resumable:
+            return
+        if self.patterns:
+            messages = normalize_messages(messages, self.patterns)
+        target = reply_end(self.tokenizer, [_flatten(m) for m in messages], info.reply, tools,
+                           self.chat_template_args)
+        if target and checkpoint_reply(self.cache, self._key, self.model, prompt, out, cache, target,
+                                       self.prefill_step_size) is not None:
+            info.resume_tokens = len(target)
+            info.checkpoints.append((len(target), "assistant"))
+        info.resume_seconds = time.perf_counter() - t0
 
     @staticmethod
     def _holds(cache, n):
