@@ -33,8 +33,13 @@ from .tiered import TieredPromptCache
 log = logging.getLogger("kvstore")
 
 # lines clients add to system prompts that change on every request: Claude
-# Code's "x-anthropic-billing-header: cc_version=...; cch=HASH" and its kin
-VOLATILE_PATTERNS = (r"^x-anthropic-[A-Za-z0-9-]+:[^\n]*(?:\n|$)",)
+# Code's "x-anthropic-billing-header: cc_version=...; cch=HASH" and its kin,
+# request / trace / correlation id headers, and "name: <timestamp to the second>"
+VOLATILE_PATTERNS = (
+    r"^x-anthropic-[A-Za-z0-9-]+:[^\n]*(?:\n|$)",
+    r"(?i)^(?:x-)?(?:request|trace|correlation)[-_ ]?id:[^\n]*(?:\n|$)",
+    r"^[A-Za-z][A-Za-z0-9 _-]{0,40}:[ \t]*\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}[^\n]*(?:\n|$)",
+)
 
 
 def normalize_messages(messages, patterns=VOLATILE_PATTERNS, roles=("system",)):
