@@ -300,8 +300,8 @@ def main(argv=None):
         ratios = {}
         for role in models:
             runs = [r for r in result["runs"] if r["model"] == role]
-            ratios[role] = C.median([r["contenders"]["kvstore"]["total_ttft_s"] / r["contenders"]["mlx_lm"]["total_ttft_s"]
-                                     for r in runs])
+            ratios[role] = C.median([r["contenders"]["kvstore"]["total_ttft_s"]
+                                     / r["contenders"]["mlx_lm"]["total_ttft_s"] for r in runs])
         result["ttft_ratio"] = ratios
         result["ttft_ratio_hybrid_over_plain"] = ratios["hybrid"] / ratios["plain"]
         if not args.skip_disk:

@@ -59,7 +59,8 @@ def build_parser():
                    help="remove known volatile header lines (billing headers with a per-request hash, request "
                         "ids, timestamps) from system messages before templating; changes what the model sees")
     p.add_argument("--normalize-pattern", action="append", default=[], metavar="REGEX",
-                   help="also remove lines matching REGEX from system messages (repeatable; implies normalising)")
+                   help="remove lines matching REGEX from system messages too (repeatable; with or without "
+                        "--normalize)")
     p.add_argument("--no-resume-points", action="store_true",
                    help="no checkpoint at the end of each reply as the next request re-renders it")
     return p

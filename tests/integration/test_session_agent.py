@@ -46,7 +46,8 @@ def test_template_keeps_reasoning_within_a_task(load_tiny):
 
 def test_reply_message_as_the_server_returns_it(load_tiny):
     _, tok = load_tiny("qwen3_5")
-    text = 'I will read it.</think>\n\nReading.<tool_call>\n{"name": "read_file", "arguments": {"path": "a.py"}}\n</tool_call>'
+    text = ('I will read it.</think>\n\nReading.<tool_call>\n{"name": "read_file", "arguments": {"path": "a.py"}}'
+            "\n</tool_call>")
     tokens = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     msg = reply_message(tok, tokens, "reasoning", agent.TOOLS)
     assert msg["reasoning"] == "I will read it." and msg["content"].strip() == "Reading."
