@@ -45,6 +45,22 @@ def trimmable(cache):
     return can_trim_prompt_cache(cache)
 
 
+def needs_resume_points(cache, n):
+    """True if ``cache``, once it holds ``n`` tokens, cannot be trimmed (a window
+    of fewer than ``n`` tokens, recurrent state, any layer that says so)."""
+    for c in cache:
+        inner = getattr(c, "caches", None)
+        if inner is not None:
+            if needs_resume_points(inner, n):
+                return True
+        elif getattr(c, "max_size", None) is not None:
+            if n >= c.max_size:
+                return True
+        elif not c.is_trimmable():
+            return True
+    return False
+
+
 def resume_segments(segments, types):
     """Cut the last segment one token short, in place, so the prefill ends in a checkpoint.
 

@@ -27,7 +27,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .codec import cache_tokens
 from .fingerprint import fingerprint as make_fingerprint
-from .resume import checkpoint_reply, initial_state, reply_end, reply_message, resume_segments, trimmable
+from .resume import checkpoint_reply, initial_state, needs_resume_points, reply_end, reply_message, resume_segments
 from .tiered import TieredPromptCache
 
 log = logging.getLogger("kvstore")
@@ -295,7 +295,7 @@ class PromptSession:
         if cache is None:
             cache = make_prompt_cache(model, max_kv_size=self.cache_options.get("max_kv_size"))
         skip_cached(segments, types, got.reused)
-        resumable = not trimmable(cache)
+        resumable = needs_resume_points(cache, len(prompt))
         if resumable:
             resume_segments(segments, types)
         kw = self._gen_kwargs()

@@ -24,7 +24,7 @@ from kvstore.resume import reply_end, reply_message
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import agent  # noqa: E402
 
-HYBRID = ("qwen3_5", "mamba", "falcon_h1")
+HYBRID = ("qwen3_5", "mamba", "falcon_h1", "gemma3_text")  # gemma3_text: a 16-token sliding window
 
 
 def history():
