@@ -279,6 +279,7 @@ class PromptSession:
         ``self.last`` holds the ``CallInfo`` of the call from the first chunk on.
         """
         model, tokenizer, cache_store = self.model, self.tokenizer, self.cache
+        messages = list(messages)  # the caller may append the reply before the last chunk is consumed
         prompt, segments, types = self.segment(messages, tools)
         if seed is not None:
             mx.random.seed(seed)
@@ -326,7 +327,10 @@ class PromptSession:
             # every yielded token has been fed to the cache (mlx-lm steps before it yields)
             if whole and out and self._holds(cache, len(prompt) + len(out)):
                 cache_store.insert_cache(self._key, prompt + out, cache, cache_type="assistant")
-                self._resume_point(info, messages, tools, prompt, out, cache, resumable)
+                try:
+                    self._resume_point(info, messages, tools, prompt, out, cache, resumable)
+                except Exception as exc:  # the reply is complete; only its resume point is lost
+                    log.warning("kvstore: no resume point for a reply: %s: %s", type(exc).__name__, exc)
 
     def _resume_point(self, info, messages, tools, prompt, out, cache, resumable):
         """The reply as it comes back, and (non-trimmable caches) a checkpoint at its end."""
