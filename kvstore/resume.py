@@ -25,9 +25,11 @@ like when it comes back:
 
 It never changes what the model computes for a request: checkpoints are made
 after the reply is complete, from token sequences a later request must match
-exactly to use. It never trims a cache.
+exactly to use. It never trims a cache. Its prefill does not quantise KV, so
+callers skip resume points when KV quantisation is on.
 """
 
+import copy
 import logging
 
 import mlx.core as mx
@@ -178,8 +180,6 @@ def checkpoint_reply(prompt_cache, key, model, prompt, generated, cache, target,
     if len(target) <= len(done) and target == done[:len(target)]:
         return None  # the generation's own checkpoint covers it, or it lies inside it
     if common_prefix(target, done) == len(done) and cache_tokens(cache) in (None, len(done)):
-        import copy
-
         base, n = copy.deepcopy(cache), len(done)
     else:
         base, rest = prompt_cache.fetch_nearest_cache(key, target, **fetch_kwargs)

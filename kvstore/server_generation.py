@@ -132,7 +132,8 @@ class ResumeGenerator(server.ResponseGenerator):
         tokens = list(tokens)
         pending = self._take(tokens)
         provider = self.model_provider
-        if pending is None or provider.draft_model is not None or trimmable(cache):
+        if pending is None or provider.draft_model is not None or self.cli_args.kv_bits is not None \
+                or trimmable(cache):
             return
         try:
             tokenizer = provider.tokenizer

@@ -337,7 +337,7 @@ class PromptSession:
         t0 = time.perf_counter()
         stopped = out[-1] in self.tokenizer.eos_token_ids
         info.reply = reply_message(self.tokenizer, out, initial_state(self.tokenizer, prompt), tools, stopped)
-        if not resumable:
+        if not resumable or self.cache_options.get("kv_bits") is not None:
             return
         if self.patterns:
             messages = normalize_messages(messages, self.patterns)
