@@ -147,6 +147,41 @@ def big_store(data):
             f"{c['prune --tier assistant -y']:.2f} s, gc {c['gc']:.2f} s"), ok
 
 
+def _agent_hybrid(data):
+    d = data.get("agent")
+    if not d:
+        return None
+    return [r["contenders"]["kvstore"] for r in d["runs"] if r["model"] == "hybrid"]
+
+
+def agent_reuse(data):
+    runs = _agent_hybrid(data)
+    if not runs:
+        return None
+    before = min(r["min_share_later_before_restart"] for r in runs)
+    after = min(r["min_share_later_after_restart"] for r in runs)
+    return f"lowest share before the restart {before:.0%}, after {after:.0%}", min(before, after) >= 0.9
+
+
+def agent_ttft(data):
+    d = data.get("agent")
+    if not d or "ttft_ratio" not in d:
+        return None
+    r = d["ttft_ratio"]
+    x = d["ttft_ratio_hybrid_over_plain"]
+    return (f"kvstore ÷ mlx_lm.server: hybrid {r['hybrid']:.2f}, plain {r['plain']:.2f}; hybrid ÷ plain "
+            f"{_fmt(x)}"), x <= 1.15
+
+
+def agent_disk(data):
+    d = (data.get("agent") or {}).get("disk")
+    if not d:
+        return None
+    return (f"{d['requests']} requests, {d['snapshots']} snapshots: blobs {_fmt(d['ratio_blobs'], 3)}, whole store "
+            f"allocated {_fmt(d['ratio_store_allocated'], 3)} the unique KV rows + recurrent states"), \
+        d["ratio_blobs"] <= 1.2
+
+
 GOALS = [
     ("request through `kvstore serve` the disk does not help (cold; prefix in memory)",
      "<= 1.03x mlx_lm.server", serve_overhead),
@@ -160,6 +195,11 @@ GOALS = [
      "32K", caller_thread),
     ("snapshot writes", ">= 90% of a raw fsynced write", writes),
     ("100,000-snapshot store", "ls <= 2 s, prune of half <= 10 s, gc <= 3 s", big_store),
+    ("agent loop on the hybrid model, every request after a task's first", ">= 90% of the prompt from the cache, "
+     "before and after a restart", agent_reuse),
+    ("agent loop, total TTFT", "hybrid's ratio to mlx_lm.server <= 1.15x the plain model's", agent_ttft),
+    ("disk for a 40-request hybrid agent session, assistant checkpoints persisted",
+     "<= 1.2x unique KV rows + recurrent states", agent_disk),
 ]
 
 

@@ -73,7 +73,8 @@ def table(head, rows):
 
 def load(results):
     data = {}
-    for name in ("run_all", "restore", "hotpath", "multiturn", "scale", "server", "peers", "fingerprint", "compare"):
+    for name in ("run_all", "restore", "hotpath", "multiturn", "agent", "scale", "server", "peers", "fingerprint",
+                 "compare"):
         p = Path(results) / f"{name}.json"
         if p.exists():
             data[name] = json.loads(p.read_text())
@@ -302,7 +303,7 @@ def machine_section(data):
         "",
     ]
     rows = []
-    for name in ("restore", "hotpath", "multiturn", "scale", "server"):
+    for name in ("restore", "hotpath", "multiturn", "agent", "scale", "server"):
         if name in data:
             r = data[name]
             wall = r.get("wall_s") or (ra or {}).get("scripts", {}).get(name, {}).get("wall_s")
@@ -507,6 +508,58 @@ def multiturn_section(d):
             line = " ".join(shares[:cut]) + " | " + " ".join(shares[cut:])
             out.append(f"- {script}, {model}, {c}: {line}")
     out.append("")
+    return "\n".join(out)
+
+
+def agent_section(d):
+    cfg = d["config"]
+    out = ["## Agent loops through the servers", "",
+           f"Script: `{cmd(d)}`; {loads_line(d)}. Models: " + "; ".join(
+               f"{role} = {v['name']} ({v['params'] / 1e6:.1f}M parameters)" for role, v in d["models"].items())
+           + f". {cfg['tasks']} tasks of {cfg['rounds']} requests (a user task, then tool rounds) on a "
+           f"{cfg['system_words']}-word system prompt with 3 tools; tool results of {cfg['tool_words'][0]}-"
+           f"{cfg['tool_words'][1]} words; {cfg['max_tokens']} generated tokens per request, each reply sent back "
+           "as the server returned it. Each contender is a real server on 127.0.0.1 driven over HTTP (streamed: TTFT "
+           "is the time to the first chunk); the server process is replaced by a new one in the middle of a task "
+           f"(a restart). {cfg['repeats']} repeat(s), contender order rotated; totals are medians.", ""]
+    rows = []
+    for role in d["models"]:
+        runs = [r for r in d["runs"] if r["model"] == role]
+        for c in d["contenders"]:
+            slots = [r["contenders"][c] for r in runs]
+            s = slots[0]
+            rows.append([role, d["contenders"][c], pct(div(s["cached_tokens"], s["prompt_tokens"])),
+                         pct(s["min_share_later_before_restart"]), pct(s["min_share_later_after_restart"]),
+                         sec(C.median([x["total_ttft_s"] for x in slots])),
+                         times(d["ttft_ratio"][role], 2) if c == "kvstore" else "–"])
+    out += [table(["model", "server", "prompt tokens from cache", "lowest share, later requests of a task, "
+                   "before the restart", "after the restart", "total TTFT", "kvstore ÷ mlx_lm.server"], rows), "",
+            f"Hybrid's TTFT ratio ÷ plain's: {times(d['ttft_ratio_hybrid_over_plain'], 3)}.", "",
+            "Share of each request's prompt served from the cache (first repeat; `|` marks the restart, `/` a new "
+            "task):", ""]
+    for run in [r for r in d["runs"] if r["repeat"] == 0]:
+        for c, slot in run["contenders"].items():
+            parts = []
+            for x in slot["reports"]:
+                sep = " | " if x["after_restart"] else (" / " if x["round"] == 0 and x["request"] > 1 else " ")
+                parts.append(sep + f"{int(round(100 * x['share']))}")
+            out.append(f"- {run['model']}, {c}: " + "".join(parts).strip())
+    out.append("")
+    disk = d.get("disk")
+    if disk:
+        out += ["### Disk growth of a long hybrid agent session", "",
+                f"{disk['requests']} requests in `PromptSession` on the hybrid model with assistant checkpoints "
+                f"persisted (the prefill's end, the reply, the reply as re-rendered): {disk['snapshots']} snapshots "
+                f"({disk['tiers']['system']} system, {disk['tiers']['user']} user, {disk['tiers']['assistant']} "
+                "assistant). Unique state = distinct prefix tokens × positional KV bytes per token + snapshots × "
+                "recurrent state bytes.", "",
+                table(["distinct prefix tokens", "KV bytes per token", "recurrent state per snapshot",
+                       "unique state", "blob files", "whole store (allocated, index included)", "blobs ÷ unique",
+                       "store ÷ unique"],
+                      [[f"{disk['distinct_prefix_tokens']:,}", f"{disk['kv_bytes_per_token']:,}",
+                        mb(disk['recurrent_bytes']), mb(disk['unique_bytes']), mb(disk['blob_bytes']),
+                        mb(disk['store_allocated']), times(disk['ratio_blobs'], 3),
+                        times(disk['ratio_store_allocated'], 3)]]), ""]
     return "\n".join(out)
 
 
@@ -911,8 +964,8 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS, before=None)
            "in `benchmarks/`: `run_all.py --quick` (a few minutes) or `--full`.", "",
            goals_part(data, before), machine_section(data), "", summary_section(data), gaps_section(data)]
     for name, fn in (("restore", restore_section), ("hotpath", hotpath_section), ("multiturn", multiturn_section),
-                     ("scale", scale_section), ("server", server_section), ("peers", peers_section),
-                     ("fingerprint", fingerprint_section),
+                     ("agent", agent_section), ("scale", scale_section), ("server", server_section),
+                     ("peers", peers_section), ("fingerprint", fingerprint_section),
                      ("compare", compare_section)):
         if name in data:
             doc.append(fn(data[name]))

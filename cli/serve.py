@@ -10,6 +10,7 @@ A store that cannot be opened makes the server run without the disk tier.
 
 import argparse
 import logging
+import re
 import signal
 import sys
 
@@ -71,6 +72,14 @@ def build_parser():
                         "request does not pay MLX's first-call costs (start-up takes that long instead)")
     p.add_argument("--cache-log-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often cache counters are logged (default: 60)")
+    p.add_argument("--normalize", action="store_true",
+                   help="remove known volatile header lines (billing headers with a per-request hash, request "
+                        "ids, timestamps) from system messages before templating; changes what the model sees")
+    p.add_argument("--normalize-pattern", action="append", default=[], metavar="REGEX",
+                   help="remove lines matching REGEX from system messages too (repeatable; with or without "
+                        "--normalize)")
+    p.add_argument("--no-resume-points", action="store_true",
+                   help="no checkpoint at the end of each reply as the next request re-renders it")
     return p
 
 
@@ -129,7 +138,14 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
         return 0
     opts = server_options(rest)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO), format=FORMAT)
-    from kvstore import TieredPromptCache
+    from kvstore import TieredPromptCache, server_generation
+
+    try:  # mlx_lm.server builds its ResponseGenerator by name: normalisation and resume points
+        server_generation.install(server_generation.patterns(args.normalize, args.normalize_pattern),
+                                  resume=not args.no_resume_points)
+    except (RuntimeError, re.error) as exc:
+        print(f"kvstore serve: {exc}", file=sys.stderr)
+        return 2
 
     from .main import default_store
 

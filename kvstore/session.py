@@ -27,13 +27,19 @@ from mlx_lm.sample_utils import make_sampler
 
 from .codec import cache_tokens
 from .fingerprint import fingerprint as make_fingerprint
+from .resume import checkpoint_reply, initial_state, needs_resume_points, reply_end, reply_message, resume_segments
 from .tiered import TieredPromptCache
 
 log = logging.getLogger("kvstore")
 
 # lines clients add to system prompts that change on every request: Claude
-# Code's "x-anthropic-billing-header: cc_version=...; cch=HASH" and its kin
-VOLATILE_PATTERNS = (r"^x-anthropic-[A-Za-z0-9-]+:[^\n]*(?:\n|$)",)
+# Code's "x-anthropic-billing-header: cc_version=...; cch=HASH" and its kin,
+# request / trace / correlation id headers, and "name: <timestamp to the second>"
+VOLATILE_PATTERNS = (
+    r"^x-anthropic-[A-Za-z0-9-]+:[^\n]*(?:\n|$)",
+    r"(?i)^(?:x-)?(?:request|trace|correlation)[-_ ]?id:[^\n]*(?:\n|$)",
+    r"^[A-Za-z][A-Za-z0-9 _-]{0,40}:[ \t]*\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}[^\n]*(?:\n|$)",
+)
 
 
 def normalize_messages(messages, patterns=VOLATILE_PATTERNS, roles=("system",)):
@@ -162,7 +168,11 @@ class CallInfo:
     ``cached_tokens`` of ``prompt_tokens`` came from ``source`` (``"memory"``,
     ``"disk"`` or ``None``) out of an entry of ``tier``; ``prefilled`` were
     computed; ``checkpoints`` are the ``(tokens, tier)`` inserted at segment
-    ends; ``generated`` counts the tokens produced so far.
+    ends; ``generated`` counts the tokens produced so far. After the reply,
+    ``reply`` is the assistant message as mlx_lm.server would return it
+    (``content``, ``reasoning``, ``tool_calls``): sent back as the next
+    request's history, the chat resumes from ``resume_tokens``, where a
+    checkpoint was placed (caches that cannot be trimmed only).
     """
 
     prompt_tokens: int
@@ -175,6 +185,9 @@ class CallInfo:
     generated: int = 0
     fetch_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    reply: dict | None = None
+    resume_tokens: int | None = None
+    resume_seconds: float = 0.0
 
     @property
     def hit_share(self):
@@ -266,6 +279,7 @@ class PromptSession:
         ``self.last`` holds the ``CallInfo`` of the call from the first chunk on.
         """
         model, tokenizer, cache_store = self.model, self.tokenizer, self.cache
+        messages = list(messages)  # the caller may append the reply before the last chunk is consumed
         prompt, segments, types = self.segment(messages, tools)
         if seed is not None:
             mx.random.seed(seed)
@@ -282,6 +296,9 @@ class PromptSession:
         if cache is None:
             cache = make_prompt_cache(model, max_kv_size=self.cache_options.get("max_kv_size"))
         skip_cached(segments, types, got.reused)
+        resumable = needs_resume_points(cache, len(prompt))
+        if resumable:
+            resume_segments(segments, types)
         kw = self._gen_kwargs()
         pos = got.reused
         t0 = time.perf_counter()
@@ -310,6 +327,27 @@ class PromptSession:
             # every yielded token has been fed to the cache (mlx-lm steps before it yields)
             if whole and out and self._holds(cache, len(prompt) + len(out)):
                 cache_store.insert_cache(self._key, prompt + out, cache, cache_type="assistant")
+                try:
+                    self._resume_point(info, messages, tools, prompt, out, cache, resumable)
+                except Exception as exc:  # the reply is complete; only its resume point is lost
+                    log.warning("kvstore: no resume point for a reply: %s: %s", type(exc).__name__, exc)
+
+    def _resume_point(self, info, messages, tools, prompt, out, cache, resumable):
+        """The reply as it comes back, and (non-trimmable caches) a checkpoint at its end."""
+        t0 = time.perf_counter()
+        stopped = out[-1] in self.tokenizer.eos_token_ids
+        info.reply = reply_message(self.tokenizer, out, initial_state(self.tokenizer, prompt), tools, stopped)
+        if not resumable or self.cache_options.get("kv_bits") is not None:
+            return
+        if self.patterns:
+            messages = normalize_messages(messages, self.patterns)
+        target = reply_end(self.tokenizer, [_flatten(m) for m in messages], info.reply, tools,
+                           self.chat_template_args)
+        if target and checkpoint_reply(self.cache, self._key, self.model, prompt, out, cache, target,
+                                       self.prefill_step_size) is not None:
+            info.resume_tokens = len(target)
+            info.checkpoints.append((len(target), "assistant"))
+        info.resume_seconds = time.perf_counter() - t0
 
     @staticmethod
     def _holds(cache, n):

@@ -127,15 +127,21 @@ def test_checkpoints_are_exact_and_independent(load_tiny):
     session.chat(messages, max_tokens=6)
     prompt, segments, _ = session.segment(messages)
     sys_end, user_end = len(segments[0]), len(segments[0]) + len(segments[1])
-    assert session.last.checkpoints == [(sys_end, "system"), (user_end, "user")]
-    assert session.cache.stats_by_type()["assistant"]["n_sequences"] == 1
+    # a hybrid cache also gets resume points: the prefill's end, and the reply's end as re-rendered
+    resume = session.last.resume_tokens
+    assert session.last.checkpoints == [(sys_end, "system"), (user_end, "user"), (len(prompt) - 1, "assistant"),
+                                        (resume, "assistant")]
+    tokens = tok.apply_chat_template(messages + [session.last.reply], tools=None)
+    assert resume == len(tokens)  # this template ends the reply where the whole chat ends
+    assert session.cache.stats_by_type()["assistant"]["n_sequences"] == 3
     for n, tier in session.last.checkpoints:
-        got = session.cache.fetch(session._key, prompt[:n] + [7])
+        full = tokens if n == resume else prompt
+        got = session.cache.fetch(session._key, full[:n] + [7])
         assert (got.reused, got.tier, got.source) == (n, tier, "memory")
         # the session went on prefilling and decoding into its own cache after
         # inserting: the checkpoint must still be the state of exactly n tokens
         cold = make_prompt_cache(model)
-        for _ in generate_step(mx.array(prompt[:n]), model, prompt_cache=cold, max_tokens=0):
+        for _ in generate_step(mx.array(full[:n]), model, prompt_cache=cold, max_tokens=0):
             pass
         a, b = states(got.cache, n), states(cold, n)
         assert len(a) == len(b) and all(np.allclose(x, y, atol=1e-5) for x, y in zip(a, b))
