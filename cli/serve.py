@@ -9,6 +9,7 @@ A store that cannot be opened makes the server run without the disk tier.
 """
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -54,6 +55,12 @@ def build_parser():
                    help="snapshots waiting for the disk writer before new ones are dropped (default: 64)")
     p.add_argument("--cache-log-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often cache counters are logged (default: 60)")
+    p.add_argument("--tenant-header", metavar="NAME",
+                   help="take each request's tenant from this header, e.g. X-Tenant: tenants never share "
+                        "a snapshot (default: no tenants)")
+    p.add_argument("--tenant-from-key", action="store_true",
+                   help="take each request's tenant from a hash of its API key (Authorization: Bearer KEY "
+                        "or X-Api-Key); --tenant-header wins when both are present (default: off)")
     return p
 
 
@@ -117,11 +124,15 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     opts = server_options(rest)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO), format=FORMAT)
     from kvstore import TieredPromptCache
+    from kvstore.metrics import ServerMetrics
+    from kvstore.server_cache import RequestCache
+    from kvstore.server_http import Tenancy, make_handler, run
 
     from .main import default_store
 
     store = None if args.no_disk else open_store(args.store or store_dir or default_store(), args.disk_max_bytes)
     made = []
+    metrics = ServerMetrics()
 
     def prompt_cache(max_size=10, max_bytes=None):
         cache = TieredPromptCache(
@@ -129,13 +140,21 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
             queue_size=args.write_queue, log_interval=args.cache_log_interval, **cache_options(opts),
         )
         made.append(cache)
-        return cache
+        metrics.cache = cache
+        cache.on_write(metrics.written)
+        return RequestCache(cache, metrics)
 
     # mlx_lm.server.run builds its cache as LRUPromptCache(prompt_cache_size)
     server.LRUPromptCache = prompt_cache
+    # and serves with APIHandler: kvstore's adds /metrics and tenants, and stops cleanly
+    handler = make_handler(metrics, Tenancy(args.tenant_header, args.tenant_from_key))
+    server.run = functools.partial(run, handler_class=handler,
+                                   bind=lambda gen: gen.prompt_cache.bind(gen))
 
     def stop(signum, frame):
-        # the server shuts down cleanly on KeyboardInterrupt; queued snapshots are written
+        # the server shuts down cleanly on KeyboardInterrupt; queued snapshots are written.
+        # Once: a second signal must not interrupt the shutdown itself.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
