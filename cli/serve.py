@@ -106,21 +106,41 @@ def open_store(path, max_bytes):
     return store
 
 
+def _stop(signum, frame):
+    # the server shuts down cleanly on KeyboardInterrupt: queued snapshots are written.
+    # Once: a second signal must not interrupt the shutdown itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv, store_dir=None, fmt=None, quiet=False):
-    """Run ``kvstore serve``; return the exit status when the server stops."""
+    """Run ``kvstore serve``; return the exit status when the server stops (0 after SIGTERM or Ctrl-C)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    import mlx_lm.server as server
+    # from the start, so a stop during start-up is clean too
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        import mlx_lm.server as server
 
-    if args.help:
-        parser.print_help()
-        print("\nmlx_lm.server options:\n")
-        sys.argv = ["kvstore serve", "--help"]
-        try:
-            server.main()
-        except SystemExit:
-            pass
-        return 0
+        if args.help:
+            parser.print_help()
+            print("\nmlx_lm.server options:\n")
+            sys.argv = ["kvstore serve", "--help"]
+            try:
+                server.main()
+            except SystemExit:
+                pass
+            return 0
+        _serve(server, args, rest, store_dir)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _serve(server, args, rest, store_dir):
+    """Run mlx_lm.server with kvstore's cache, handler and stop; close the cache and store after."""
     opts = server_options(rest)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO), format=FORMAT)
     from kvstore import TieredPromptCache
@@ -148,24 +168,12 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     server.LRUPromptCache = prompt_cache
     # and serves with APIHandler: kvstore's adds /metrics and tenants, and stops cleanly
     handler = make_handler(metrics, Tenancy(args.tenant_header, args.tenant_from_key))
-    server.run = functools.partial(run, handler_class=handler,
-                                   bind=lambda gen: gen.prompt_cache.bind(gen))
-
-    def stop(signum, frame):
-        # the server shuts down cleanly on KeyboardInterrupt; queued snapshots are written.
-        # Once: a second signal must not interrupt the shutdown itself.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    server.run = functools.partial(run, handler_class=handler, bind=lambda gen: gen.prompt_cache.bind(gen))
     sys.argv = ["kvstore serve", *rest]
     try:
         server.main()
-    except KeyboardInterrupt:
-        pass
     finally:
         for cache in made:
             cache.close()
         if store is not None:
             store.close()
-    return 0
