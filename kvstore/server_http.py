@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+from .metrics import CONTENT_TYPE
 from .server_cache import tenant_model
 
 log = logging.getLogger("kvstore")
@@ -122,7 +123,7 @@ def make_handler(metrics=None, tenancy=None):
                 self.end_headers()
                 return
             self.send_response(200)
-            self.send_header("Content-Type", metrics_content_type())
+            self.send_header("Content-Type", CONTENT_TYPE)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -130,12 +131,6 @@ def make_handler(metrics=None, tenancy=None):
     KVStoreHandler.metrics = metrics
     KVStoreHandler.tenancy = tenancy if tenancy is not None and tenancy.enabled else None
     return KVStoreHandler
-
-
-def metrics_content_type():
-    from .metrics import CONTENT_TYPE
-
-    return CONTENT_TYPE
 
 
 def run(host, port, model_provider, *, handler_class, bind=None):
