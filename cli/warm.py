@@ -102,7 +102,7 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     fmt = args.format or fmt or "human"
     quiet = args.quiet or quiet
     from kvstore import KVStoreError
-    from kvstore.warm import warm
+    from kvstore.warm import check_model_path, warm
 
     from .main import default_store
     from .serve import cache_options
@@ -131,6 +131,11 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
         else:
             print(line, flush=True)
 
+    try:
+        check_model_path(args.model)  # before the store is created for nothing
+    except KVStoreError as exc:
+        print(f"kvstore warm: {exc}", file=sys.stderr)
+        return 1
     store = open_store(path)
     # Ctrl-C means stop, even when started from a shell that ignores SIGINT in the background
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -78,10 +78,8 @@ def prefill(model, tokens, step=2048, progress=None):
     return cache
 
 
-def load_model(model_path, adapter_path=None):
-    """``mlx_lm.load`` with one clear ``InvalidInput`` for a model that is not there or not loadable."""
-    import mlx_lm
-
+def check_model_path(model_path):
+    """``InvalidInput`` unless ``model_path`` is a directory or looks like a Hugging Face repo id."""
     from .errors import InvalidInput
 
     path = Path(str(model_path)).expanduser()
@@ -89,6 +87,15 @@ def load_model(model_path, adapter_path=None):
         raise InvalidInput(f"{model_path} is a file, not a model directory")
     if not path.exists() and (str(model_path).startswith(("/", ".", "~")) or str(model_path).count("/") != 1):
         raise InvalidInput(f"no model directory at {model_path} (nor a Hugging Face repo id)")
+
+
+def load_model(model_path, adapter_path=None):
+    """``mlx_lm.load`` with one clear ``InvalidInput`` for a model that is not there or not loadable."""
+    import mlx_lm
+
+    from .errors import InvalidInput
+
+    check_model_path(model_path)
     try:
         return mlx_lm.load(str(model_path), adapter_path=adapter_path)
     except Exception as exc:

@@ -31,6 +31,7 @@ def test_missing_model_is_one_line(tmp_path):
     out = run("--store", tmp_path / "store", "warm", "--model", tmp_path / "nonexistent", "--system", "hi")
     assert "no model directory at" in one_line_error(out)
     assert out.stdout == ""
+    assert not (tmp_path / "store").exists()
 
 
 def test_store_that_is_a_file_is_one_line(tmp_path, tiny_model):
