@@ -93,3 +93,35 @@ def test_json_output_and_stderr_progress(tmp_path, tiny_model):
     assert len(json.loads(out.stdout)["snapshots"]) == 2
     progress = [line for line in out.stderr.splitlines() if line.startswith("kvstore warm: ")]
     assert [p.split()[2] for p in progress] == ["1/2", "2/2"]
+
+
+def test_progress_bar_on_a_terminal(tmp_path, tiny_model):
+    """On a terminal (a real pseudo-terminal, 120 columns) a bar counts prompts,
+    and each prompt's line is printed above it as it finishes."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    args = [KVSTORE, "--store", str(tmp_path / "store"), "warm", "--model", str(tiny_model("llama")),
+            "--system", "a " * 30, "--system", "b " * 30, "--system", "c " * 30]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: warm on the terminal
+        os.execv(args[0], args)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    out = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.WEXITSTATUS(status) == 0, text[-2000:]
+    assert "warm: 100%" in text and "3/3" in text
+    assert text.count("tokens  prefilled in") == 3
+    assert "Warmed 3 of 3 system prompts" in text
