@@ -41,8 +41,9 @@ def _tiers(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="kvstore serve", add_help=False,
-        description="mlx_lm.server with a persistent, shared prompt cache. Options not listed here "
-                    "are mlx_lm.server's own and pass through unchanged (see below).",
+        description="mlx_lm.server with a persistent, shared prompt cache; GET /metrics serves Prometheus "
+                    "metrics, SIGTERM stops cleanly (exit 0 once queued snapshots are written). Options not "
+                    "listed here are mlx_lm.server's own and pass through unchanged (see below).",
     )
     p.add_argument("-h", "--help", action="store_true", help="show this help and mlx_lm.server's, then exit")
     p.add_argument("--store", metavar="DIR", help="store directory (default: $KVSTORE_DIR or the user cache folder)")
