@@ -103,7 +103,7 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     p = argparse.ArgumentParser(prog="kvstore demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--family", default="qwen3_5", help="tiny model family: llama, gemma3_text, qwen3_5, "
                                                        "falcon_h1, mamba (default: qwen3_5, a hybrid thinking model)")
-    p.add_argument("--demo-store", metavar="DIR", help="store to use (default: a new temporary folder, kept)")
+    p.add_argument("--demo-store", metavar="DIR", help="store to use and keep (default: a temporary folder, removed at the end)")
     args = p.parse_args(argv)
     from kvstore import tiny
 
@@ -112,10 +112,28 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     say = (lambda *a: None) if quiet else print
     t0 = time.perf_counter()
     model = tiny.model_dir(args.family)
-    store = Path(args.demo_store or tempfile.mkdtemp(prefix="kvstore-demo-"))
+    # the store (unless --demo-store) and the server logs live here and go when the demo ends
+    work = Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
+    try:
+        return _run(args, model, work, say, fmt, t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _shown(path):
+    """``path`` relative to the current folder when it is inside it (``.venv/bin/kvstore``)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return rel if not rel.startswith("..") and os.sep in rel else str(path)
+
+
+def _run(args, model, work, say, fmt, t0):
+    store = Path(args.demo_store) if args.demo_store else work / "store"
     kv = _kvstore()
     say(f"model: tiny {args.family} (random weights) in {model}")
-    say(f"store: {store}\n")
+    say(f"store: {store}" + ("" if args.demo_store else " (removed at the end; --demo-store DIR keeps one)") + "\n")
 
     say("1. kvstore warm: prefill the system prompt before deployment")
     out = subprocess.run([kv, "--store", str(store), "warm", "--model", str(model), "--system", SYSTEM,
@@ -127,17 +145,17 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     say(f"   stored {snap['tokens']} tokens (tier system) as {snap['key'][:12]}\n")
 
     say("2. kvstore serve: the first request after deployment")
-    with LocalServer(store, model) as s:
+    with LocalServer(store, model, log=work / "serve1.log") as s:
         r1 = s.chat("Where do I find wood screws?")
         say(f"   chat 1: {_line(r1)}   <- the system prompt came from the store")
         r2 = s.chat("Where do I find wood screws?", max_tokens=8)
         say(f"   chat 1 again: {_line(r2)}")
     say("")
     say("3. restart the server (a new process, empty memory) and ask something else")
-    with LocalServer(store, model) as s:
+    with LocalServer(store, model, log=work / "serve2.log") as s:
         r3 = s.chat("Do you cut keys?")
         say(f"   with kvstore:        {_line(r3)}")
-    with LocalServer(None, model, "--no-disk") as s:
+    with LocalServer(None, model, "--no-disk", log=work / "serve3.log") as s:
         r4 = s.chat("Do you cut keys?")
         say(f"   without (--no-disk): {_line(r4)}")
     say("")
@@ -146,7 +164,11 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     say("4. what the store holds:")
     ls = subprocess.run([kv, "--store", str(store), "ls"], capture_output=True, text=True)
     say("   " + ls.stdout.rstrip().replace("\n", "\n   "))
-    say(f"\nDone in {time.perf_counter() - t0:.1f}s. Inspect with: kvstore --store {store} stats")
+    kvstore = _shown(kv)
+    if args.demo_store:
+        say(f"\nDone in {time.perf_counter() - t0:.1f}s. Inspect with: {kvstore} --store {store} stats")
+    else:
+        say(f"\nDone in {time.perf_counter() - t0:.1f}s. With your own model: {kvstore} serve --model PATH")
     ok = cached(r1) >= snap["tokens"] and cached(r3) >= snap["tokens"] and cached(r4) == 0 and same
     if fmt == "json":
         print(json.dumps({"store": str(store), "model": str(model), "system_tokens": snap["tokens"],

@@ -9,6 +9,7 @@ A store that cannot be opened makes the server run without the disk tier.
 """
 
 import argparse
+import functools
 import logging
 import re
 import signal
@@ -47,8 +48,9 @@ def _tiers(text):
 def build_parser():
     p = argparse.ArgumentParser(
         prog="kvstore serve", add_help=False,
-        description="mlx_lm.server with a persistent, shared prompt cache. Options not listed here "
-                    "are mlx_lm.server's own and pass through unchanged (see below).",
+        description="mlx_lm.server with a persistent, shared prompt cache; GET /metrics serves Prometheus "
+                    "metrics, SIGTERM stops cleanly (exit 0 once queued snapshots are written). Options not "
+                    "listed here are mlx_lm.server's own and pass through unchanged (see below).",
     )
     p.add_argument("-h", "--help", action="store_true", help="show this help and mlx_lm.server's, then exit")
     from .main import default_store
@@ -80,6 +82,12 @@ def build_parser():
                         "--normalize)")
     p.add_argument("--no-resume-points", action="store_true",
                    help="no checkpoint at the end of each reply as the next request re-renders it")
+    p.add_argument("--tenant-header", metavar="NAME",
+                   help="take each request's tenant from this header, e.g. X-Tenant: tenants never share "
+                        "a snapshot (default: no tenants)")
+    p.add_argument("--tenant-from-key", action="store_true",
+                   help="take each request's tenant from a hash of its API key (Authorization: Bearer KEY "
+                        "or X-Api-Key); --tenant-header wins when both are present (default: off)")
     return p
 
 
@@ -121,24 +129,46 @@ def open_store(path, max_bytes):
     return store
 
 
+def _stop(signum, frame):
+    # the server shuts down cleanly on KeyboardInterrupt: queued snapshots are written.
+    # Once: a second signal must not interrupt the shutdown itself.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main(argv, store_dir=None, fmt=None, quiet=False):
-    """Run ``kvstore serve``; return the exit status when the server stops."""
+    """Run ``kvstore serve``; return the exit status when the server stops (0 after SIGTERM or Ctrl-C)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    import mlx_lm.server as server
+    # from the start, so a stop during start-up is clean too
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        import mlx_lm.server as server
 
-    if args.help:
-        parser.print_help()
-        print("\nmlx_lm.server options:\n")
-        sys.argv = ["kvstore serve", "--help"]
-        try:
-            server.main()
-        except SystemExit:
-            pass
+        if args.help:
+            parser.print_help()
+            print("\nmlx_lm.server options:\n")
+            sys.argv = ["kvstore serve", "--help"]
+            try:
+                server.main()
+            except SystemExit:
+                pass
+            return 0
+        return _serve(server, args, rest, store_dir)
+    except KeyboardInterrupt:
         return 0
+
+
+def _serve(server, args, rest, store_dir):
+    """Run mlx_lm.server with kvstore's cache, handler and stop; close the cache and store after."""
     opts = server_options(rest)
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO), format=FORMAT)
     from kvstore import TieredPromptCache, server_generation
+    from kvstore.metrics import ServerMetrics
+    from kvstore.server_cache import RequestCache
+    from kvstore.server_http import Tenancy, make_handler, run
 
     try:  # mlx_lm.server builds its ResponseGenerator by name: normalisation and resume points
         server_generation.install(server_generation.patterns(args.normalize, args.normalize_pattern),
@@ -151,6 +181,7 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
 
     store = None if args.no_disk else open_store(args.store or store_dir or default_store(), args.disk_max_bytes)
     made = []
+    metrics = ServerMetrics()
 
     def prompt_cache(max_size=10, max_bytes=None):
         cache = TieredPromptCache(
@@ -158,28 +189,25 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
             queue_size=args.write_queue, log_interval=args.cache_log_interval, **cache_options(opts),
         )
         made.append(cache)
+        metrics.cache = cache
+        cache.on_write(metrics.written)
         if args.preload and opts.model is not None:
             # mlx_lm.server's key of its default model
             cache.preload((opts.model, opts.adapter_path, opts.draft_model))
-        return cache
+        return RequestCache(cache, metrics)
 
     # mlx_lm.server.run builds its cache as LRUPromptCache(prompt_cache_size)
     server.LRUPromptCache = prompt_cache
+    # and serves with APIHandler: kvstore's adds /metrics and tenants, and stops cleanly
+    handler = make_handler(metrics, Tenancy(args.tenant_header, args.tenant_from_key))
+    server.run = functools.partial(run, handler_class=handler, bind=lambda gen: gen.prompt_cache.bind(gen))
     if args.warmup:
         from .warmup import before_listening
 
         before_listening(server)
-
-    def stop(signum, frame):
-        # the server shuts down cleanly on KeyboardInterrupt; queued snapshots are written
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     sys.argv = ["kvstore serve", *rest]
     try:
         server.main()
-    except KeyboardInterrupt:
-        pass
     finally:
         for cache in made:
             cache.close()

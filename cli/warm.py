@@ -7,6 +7,8 @@ starts hits. Owns argument parsing and reporting; the work is kvstore.warm.
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,18 +70,41 @@ def conversations(args):
     return chats
 
 
+def _line(r):
+    state = "already stored" if r["existing"] else (
+        f"prefilled in {r['seconds']:.2f}s" if r["key"] else "NOT STORED (see the log)")
+    return f"{(r['key'] or '-')[:12]}  system  {r['tokens']:>7} tokens  {state}"
+
+
+def open_store(path):
+    """The store at ``path``, or ``SystemExit`` with one line saying why not."""
+    from kvstore import KVStoreError, SnapshotStore
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"kvstore warm: {path} is a file, not a store directory")
+    try:
+        return SnapshotStore(path)
+    except (KVStoreError, OSError) as exc:
+        raise SystemExit(f"kvstore warm: cannot open the store at {path}: {exc}") from None
+
+
 def main(argv, store_dir=None, fmt=None, quiet=False):
-    """Run ``kvstore warm``; return the exit status."""
+    """Run ``kvstore warm``; return the exit status.
+
+    Human output prints one line per prompt as it finishes (with a progress
+    bar on a terminal); JSON prints everything at the end and, off a
+    terminal, one progress line per prompt on stderr. Ctrl-C stops between
+    store writes: what was stored is reported, the status is 130.
+    """
     args = build_parser().parse_args(argv)
     chats = conversations(args)
     tools = _load_json(args.tools, "tools") if args.tools else None
     fmt = args.format or fmt or "human"
     quiet = args.quiet or quiet
-    from kvstore import SnapshotStore, KVStoreError
-    from kvstore.warm import warm
+    from kvstore import KVStoreError
+    from kvstore.warm import check_model_path, warm
 
     from .main import default_store
-
     from .serve import cache_options
 
     path = args.store or store_dir or default_store()
@@ -89,13 +114,43 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
         args.quantized_kv_start = DEFAULT_QUANTIZED_KV_START
     # the fingerprint the server resolves its model key to, with the same options
     options = cache_options(args)
+    tty = sys.stderr.isatty() and not quiet
+    done = []
+
+    def report(r):
+        done.append(r)
+        if quiet or fmt == "json":
+            if fmt == "json" and not tty and not quiet:
+                print(f"kvstore warm: {len(done)}/{len(chats)} {_line(r)}", file=sys.stderr, flush=True)
+            return
+        line = _line(r)
+        if tty:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
+
     try:
-        with SnapshotStore(path) as store:
+        check_model_path(args.model)  # before the store is created for nothing
+    except KVStoreError as exc:
+        print(f"kvstore warm: {exc}", file=sys.stderr)
+        return 1
+    store = open_store(path)
+    # Ctrl-C means stop, even when started from a shell that ignores SIGINT in the background
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with store:
             results = warm(
                 store, args.model, chats, adapter_path=args.adapter_path, tools=tools,
                 chat_template_args=args.chat_template_args, prefill_step_size=args.prefill_step_size,
-                progress=sys.stderr.isatty() and not quiet, **options,
+                progress=tty, on_result=report, **options,
             )
+    except KeyboardInterrupt:
+        stored = sum(1 for r in done if r["key"])
+        print(f"kvstore warm: interrupted; {stored} of {len(chats)} system prompts stored in {path}",
+              file=sys.stderr)
+        return 130
     except KVStoreError as exc:
         print(f"kvstore warm: {exc}", file=sys.stderr)
         return 1
@@ -107,9 +162,5 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
             if r["key"]:
                 print(r["key"])
     else:
-        for r in results:
-            state = "already stored" if r["existing"] else (
-                f"prefilled in {r['seconds']:.2f}s" if r["key"] else "NOT STORED (see the log)")
-            print(f"{(r['key'] or '-')[:12]}  system  {r['tokens']:>7} tokens  {state}")
         print(f"Warmed {len(results) - len(failed)} of {len(results)} system prompts in {path}")
     return 1 if failed else 0

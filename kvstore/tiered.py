@@ -470,6 +470,11 @@ class TieredPromptCache:
     def _memory_insert(self, key, tokens, cache, cache_type):
         self._count("memory.evicted", self._memory.insert(key, tokens, cache, cache_type))
 
+    def on_write(self, fn):
+        """Call ``fn(seconds, ok)`` on the writer thread after each snapshot write (metrics)."""
+        if self._writer is not None:
+            self._writer.on_write = fn
+
     # -------------------------------------------------------------- life cycle
     def flush(self, timeout=None):
         """Wait until every queued snapshot is written; ``False`` on timeout."""

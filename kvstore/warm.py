@@ -8,8 +8,12 @@ key to, so the first real request after deployment hits. This module never
 changes what mlx-lm renders or computes; it only reproduces the cut.
 """
 
+import contextlib
 import logging
+import signal
+import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger("kvstore")
 
@@ -74,8 +78,56 @@ def prefill(model, tokens, step=2048, progress=None):
     return cache
 
 
+def check_model_path(model_path):
+    """``InvalidInput`` unless ``model_path`` is a directory or looks like a Hugging Face repo id."""
+    from .errors import InvalidInput
+
+    path = Path(str(model_path)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidInput(f"{model_path} is a file, not a model directory")
+    if not path.exists() and (str(model_path).startswith(("/", ".", "~")) or str(model_path).count("/") != 1):
+        raise InvalidInput(f"no model directory at {model_path} (nor a Hugging Face repo id)")
+
+
+def load_model(model_path, adapter_path=None):
+    """``mlx_lm.load`` with one clear ``InvalidInput`` for a model that is not there or not loadable."""
+    import mlx_lm
+
+    from .errors import InvalidInput
+
+    check_model_path(model_path)
+    try:
+        return mlx_lm.load(str(model_path), adapter_path=adapter_path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InvalidInput(f"cannot load the model {model_path}: {type(exc).__name__}: {first}") from exc
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold SIGINT and SIGTERM until the block ends, then raise ``KeyboardInterrupt``.
+
+    Around a store write, so an interrupt never leaves a half-written blob
+    in the store's temp folder. Only in the main thread (where Python runs
+    signal handlers); elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def warm(store, model_path, conversations, *, adapter_path=None, tools=None, chat_template_args=None,
-         prefill_step_size=2048, progress=False, **cache_options):
+         prefill_step_size=2048, progress=False, on_result=None, **cache_options):
     """Prefill and store the system segment of each conversation.
 
     Args:
@@ -84,39 +136,60 @@ def warm(store, model_path, conversations, *, adapter_path=None, tools=None, cha
         conversations: lists of chat messages, each starting with its system message(s).
         adapter_path: the server's ``--adapter-path``, if any (part of the fingerprint).
         tools, chat_template_args: as the server renders requests with them.
-        progress: show a progress bar per prompt on stderr.
+        progress: show progress bars (prompts, and tokens of the current one) on stderr.
+        on_result: called with each result as its prompt finishes.
         **cache_options: the server's ``kv_bits`` / ``kv_group_size`` /
             ``quantized_kv_start`` / ``max_kv_size`` (part of the fingerprint).
 
     Returns a list of dicts: key (or None if the store refused it), tokens,
-    seconds spent prefilling, and whether it was already stored.
+    seconds spent prefilling, and whether it was already stored. Raises
+    ``InvalidInput`` for a model that cannot be loaded; ``KeyboardInterrupt``
+    stops between store writes, never inside one (what ``on_result`` was
+    given is stored).
     """
-    import mlx_lm
-
     from .fingerprint import fingerprint
 
-    model, tokenizer = mlx_lm.load(str(model_path), adapter_path=adapter_path)
+    model, tokenizer = load_model(model_path, adapter_path)
     fp = fingerprint(model_path, adapter_path=adapter_path, digests=store.file_digests, **cache_options)
     out = []
-    for messages in conversations:
-        tokens = system_segment(tokenizer, messages, tools=tools, chat_template_args=chat_template_args)
-        # already stored at exactly this length: nothing to prefill
-        hit = store.lookup(fp, tokens + [0])
-        if hit is not None and (hit.tokens, hit.kind) == (len(tokens), "shorter"):
-            out.append({"key": hit.key, "tokens": len(tokens), "seconds": 0.0, "existing": True})
-            continue
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-            bar = tqdm(total=len(tokens), unit="tok", desc="prefill", leave=False)
-        t0 = time.perf_counter()
-        try:
-            cache = prefill(model, tokens, prefill_step_size, bar.update if bar else None)
-        finally:
-            if bar:
-                bar.close()
-        seconds = time.perf_counter() - t0
-        key = store.put(fp, tokens, cache, tier="system")
-        out.append({"key": key, "tokens": len(tokens), "seconds": seconds, "existing": False})
+        bar = tqdm(total=len(conversations), unit="prompt", desc="warm", dynamic_ncols=True)
+    try:
+        for messages in conversations:
+            result = _warm_one(store, model, tokenizer, fp, messages, tools, chat_template_args,
+                               prefill_step_size, progress)
+            out.append(result)
+            if bar is not None:
+                bar.update(1)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        if bar is not None:
+            bar.close()
     return out
+
+
+def _warm_one(store, model, tokenizer, fp, messages, tools, chat_template_args, step, progress):
+    tokens = system_segment(tokenizer, messages, tools=tools, chat_template_args=chat_template_args)
+    # already stored at exactly this length: nothing to prefill
+    hit = store.lookup(fp, tokens + [0])
+    if hit is not None and (hit.tokens, hit.kind) == (len(tokens), "shorter"):
+        return {"key": hit.key, "tokens": len(tokens), "seconds": 0.0, "existing": True}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tokens), unit="tok", desc="prefill", leave=False, position=1, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        cache = prefill(model, tokens, step, bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    with deferred_interrupts():
+        key = store.put(fp, tokens, cache, tier="system")
+    return {"key": key, "tokens": len(tokens), "seconds": seconds, "existing": False}

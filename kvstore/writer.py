@@ -72,6 +72,7 @@ class WriteBehind:
         self.closed = False
         self.cv = threading.Condition()
         self.thread = None
+        self.on_write = None  # on_write(seconds, ok) after each write, on the writer thread
 
     def submit(self, item):
         with self.cv:
@@ -116,6 +117,7 @@ class WriteBehind:
     def _write(self, item):
         store = self.store
         before = store.counters["bytes_written"]
+        t0 = time.perf_counter()
         try:
             key = store.put(item.fp, item.tokens, item.cache, item.tier, tenant=item.tenant)
         except Exception as exc:  # fail open: a bad snapshot is a dropped write
@@ -127,6 +129,11 @@ class WriteBehind:
         else:
             self.count("writes.done")
             self.count("bytes.written", max(0, store.counters["bytes_written"] - before))
+        if self.on_write is not None:
+            try:
+                self.on_write(time.perf_counter() - t0, key is not None)
+            except Exception as exc:
+                log.debug("kvstore: write observer failed: %s", exc)
 
     def depth(self):
         with self.cv:
