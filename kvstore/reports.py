@@ -47,6 +47,7 @@ class Match(NamedTuple):
     tokens: int
     kind: str
     tier: str
+    source: str = "disk"  # or "remote"
 
 
 @dataclass
