@@ -13,6 +13,8 @@ import logging
 import signal
 import sys
 
+from .remote import InvalidInput, add_remote_args, attach_args
+
 log = logging.getLogger("kvstore")
 
 FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
@@ -54,6 +56,7 @@ def build_parser():
                    help="snapshots waiting for the disk writer before new ones are dropped (default: 64)")
     p.add_argument("--cache-log-interval", type=float, default=60.0, metavar="SECONDS",
                    help="how often cache counters are logged (default: 60)")
+    add_remote_args(p)
     return p
 
 
@@ -121,6 +124,11 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     from .main import default_store
 
     store = None if args.no_disk else open_store(args.store or store_dir or default_store(), args.disk_max_bytes)
+    try:
+        attach_args(store, args)
+    except InvalidInput as exc:
+        print(f"kvstore serve: {exc}", file=sys.stderr)
+        return 2
     made = []
 
     def prompt_cache(max_size=10, max_bytes=None):
