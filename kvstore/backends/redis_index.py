@@ -187,6 +187,8 @@ class RedisPlace:
             self.client, self.cluster = connect(self.url, self.connect_timeout, self.timeout)
             c = self.client
             self._scripts = (c.register_script(LOOKUP), c.register_script(PUT), c.register_script(DELETE))
+            for script in (LOOKUP, PUT, DELETE):  # loaded now, so a request's call is one round trip
+                c.script_load(script)
         return self.client
 
     def close(self):
