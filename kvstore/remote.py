@@ -35,7 +35,8 @@ from .loader import load
 from .matching import MAX_CANDIDATES, plan_fetch
 from .records import TIERS, decode_model, decode_snapshot, pack
 from .transactions import check_layout
-from .transfer import CHUNK_BYTES, ChunkMissing, ChunkSource, check_chunks, decode_bundle
+from .transfer import (CHUNK_BYTES, ChunkMissing, ChunkSource, OutOfOrder, StreamSource, check_chunks,
+                       decode_bundle)
 
 log = logging.getLogger("kvstore")
 
@@ -115,6 +116,20 @@ class _FetchedBlobs:
     def open(self, blob_id, size=None, header_sum=None):
         spec = self.bundle.spec(blob_id)
         return BlobReader(ChunkSource(self.chunks[blob_id], spec.chunk), blob_id, size, header_sum)
+
+
+class _StreamedBlobs:
+    """``Blobs`` for the loader: each blob's chunks received as it is opened, in ``order``."""
+
+    def __init__(self, bundle, stream, order):
+        self.bundle, self.stream, self.order = bundle, stream, list(order)
+
+    def open(self, blob_id, size=None, header_sum=None):
+        if not self.order or self.order[0] != blob_id:
+            raise OutOfOrder(f"blob {blob_id} opened out of order")
+        self.order.pop(0)
+        spec = self.bundle.spec(blob_id)
+        return BlobReader(StreamSource(self.stream, spec, self.bundle.digest), blob_id, size, header_sum)
 
 
 class RemoteTier:
@@ -237,6 +252,7 @@ class RemoteTier:
 
     def _load(self, store, fp, chain, plan, bundle, nsx):
         """Fetch, check and load the blobs ``plan`` needs; ``None`` on any fault (counted)."""
+        need = []
         try:
             snap = decode_snapshot(bundle.snapshot)
             model = decode_model(bundle.model)
@@ -244,37 +260,56 @@ class RemoteTier:
             if known is not None:  # this host's record of the model decides what a layout may be
                 check_layout(fp, known, model.struct, snap.layout_id)
             need = _needed(snap, plan.tokens, bundle)
-            chunks = self._chunks(plan.key, bundle, need)
-            if chunks is None:
-                return None
             index = InMemoryIndex()
             index.tables["seg"].update(bundle.segments)
             index.tables["model"][str(fp)] = bundle.model
-            cache, nread = load(index, _FetchedBlobs(bundle, chunks), plan, fp, chain.tokens)
+            try:
+                cache, nread, chunks = self._read(index, bundle, need, plan, fp, chain, streamed=True)
+            except OutOfOrder:
+                self.count("stream_fallbacks")
+                cache, nread, chunks = self._read(index, bundle, need, plan, fp, chain, streamed=False)
         except ChunkMissing as exc:
             self.count("evicted")
             log.info("kvstore remote snapshot %s: %s; removing it", plan.key.hex(), exc)
             self._call(lambda: self._forget(nsx, plan.key, bundle, need))
             return None
+        except _faults() as exc:  # the connection failed while chunks were arriving
+            self._outage(exc)
+            return None
         except LOAD_FAULTS as exc:
             self.count("corrupt")
             log.warning("kvstore remote snapshot %s refused: %s: %s", plan.key.hex(), type(exc).__name__, exc)
             return None
+        if cache is None:
+            return None
         self.count("bytes_read", nread)
-        self._hold(plan.key, bundle, chunks, store, fp)
+        self._hold(plan.key, bundle, chunks, store)
         return cache
 
-    def _chunks(self, key, bundle, need):
-        held = self._held.get(key)
-        if held is not None and all(b in held[1] for b in need):
-            return held[1]
+    def _read(self, index, bundle, need, plan, fp, chain, streamed):
+        """``(cache, bytes read, chunks or None)``: chunks received straight into the cache's
+        buffers (``streamed``; not on a cluster), else fetched as values, checked, then copied."""
+        held = self._held.get(plan.key)
         specs = [bundle.spec(b) for b in need]
-        got = self._call(lambda: self.place.get_chunks([(s.blob, s.chunks()) for s in specs]))
-        if got is None:
-            return None
+        if held is not None and all(b in held[1] for b in need):
+            chunks = held[1]
+        elif streamed and self.available():
+            stream = self.place.stream_chunks([(s.blob, s.chunks()) for s in specs])
+            if stream is not None:
+                try:
+                    cache, nread = load(index, _StreamedBlobs(bundle, stream, need), plan, fp, chain.tokens)
+                finally:
+                    stream.finish()
+                return cache, nread, None
+            chunks = self.place.get_chunks([(s.blob, s.chunks()) for s in specs])
+        elif self.available():
+            chunks = self.place.get_chunks([(s.blob, s.chunks()) for s in specs])
+        else:
+            return None, 0, None
         for s in specs:
-            check_chunks(s, got[s.blob], bundle.digest)
-        return got
+            check_chunks(s, chunks[s.blob], bundle.digest)
+        cache, nread = load(index, _FetchedBlobs(bundle, chunks), plan, fp, chain.tokens)
+        return cache, nread, chunks
 
     def _forget(self, nsx, key, bundle, blobs):
         snap = decode_snapshot(bundle.snapshot)
@@ -282,15 +317,16 @@ class RemoteTier:
         for b in blobs:
             self.place.delete_chunks(b, bundle.spec(b).chunks())
 
-    def _hold(self, key, bundle, chunks, store, fp):
-        """Keep a hit's bytes until the local store has them (a second load, for the memory tier,
-        reads them from here); queue the local write."""
-        with self._cv:
-            self._held[key] = (bundle, chunks)
-            self._held.move_to_end(key)
-            while len(self._held) > HELD:
-                self._held.popitem(last=False)
-        self._submit(("adopt", store, key, bundle, chunks))
+    def _hold(self, key, bundle, chunks, store):
+        """Queue the local write of a hit; keep its bytes (if it has them as values) until then,
+        so a second load reads them from here."""
+        if chunks is not None:
+            with self._cv:
+                self._held[key] = (bundle, chunks)
+                self._held.move_to_end(key)
+                while len(self._held) > HELD:
+                    self._held.popitem(last=False)
+        self._submit(("adopt", store, key, bundle, chunks or {}))
 
     # ------------------------------------------------------------------ push
     def queued_push(self, store, key, tier):

@@ -264,7 +264,7 @@ class SnapshotStore:
             chain = self.chain(fp, toks, tenant)
             plans = self._plans(fp, chain, min_tokens)
             got = None
-            if self.remote is not None:  # the remote serves what is longer than our best match
+            if self.remote is not None and record:  # the remote serves what is longer than our best match
                 got = self.remote.fetch(self, fp, chain, max([min_tokens] + [p.tokens for p in plans]))
             for plan, cache in [(got[1], got[0])] if got else [(p, None) for p in plans]:
                 source = "disk" if cache is None else "remote"

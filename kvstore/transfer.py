@@ -168,3 +168,95 @@ class ChunkSource:
 
     def close(self):
         self.chunks = []
+
+
+class OutOfOrder(CorruptSnapshot):
+    """A reader asked a streamed blob for bytes it has already passed (the caller falls back)."""
+
+
+def _hasher(algo):
+    return blake3.blake3() if algo == "blake3" else xxhash.xxh3_64()
+
+
+def _value(algo, h):
+    return h.digest() if algo == "blake3" else h.intdigest()
+
+
+class StreamSource:
+    """A blob's chunks read straight off the wire into the reader's buffers (a ``BlobReader`` source).
+
+    ``stream`` yields the chunks' values in order (``begin() -> length or None``,
+    ``recv_into(mv)``, ``skip(n)``, ``end()``). Reads must come in increasing
+    offsets (gaps are skipped, still hashed); each chunk's digest is checked
+    when its last byte has arrived, so a damaged chunk fails the load before
+    anything is handed out. ``close`` drains what was not read.
+    """
+
+    def __init__(self, stream, spec, algo):
+        self.stream, self.spec, self.algo = stream, spec, algo
+        self.size = spec.size
+        self.pos, self.i, self.left, self.h = 0, -1, 0, None
+        self._scratch = None
+
+    def _next_chunk(self):
+        self.i += 1
+        n = self.stream.begin()
+        if n is None:
+            raise ChunkMissing(f"blob {self.spec.blob} chunk {self.i} is gone (evicted or expired)")
+        want = min(self.spec.chunk, self.size - self.i * self.spec.chunk)
+        if self.i >= self.spec.chunks() or n != want:
+            raise CorruptSnapshot(f"blob {self.spec.blob} chunk {self.i} is {n} bytes, bundle says {want}")
+        self.left, self.h = n, _hasher(self.algo)
+
+    def _take(self, mv):
+        """Receive exactly ``len(mv)`` bytes of the blob into ``mv`` (crossing chunks)."""
+        got = 0
+        while got < len(mv):
+            if self.left == 0:
+                self._next_chunk()
+            part = mv[got : got + min(self.left, len(mv) - got)]
+            self.stream.recv_into(part)
+            self.h.update(part)
+            got += len(part)
+            self.left -= len(part)
+            self.pos += len(part)
+            if self.left == 0:
+                self.stream.end()
+                if _value(self.algo, self.h) != self.spec.digests[self.i]:
+                    raise CorruptSnapshot(f"blob {self.spec.blob} chunk {self.i} checksum mismatch")
+
+    def _skip_to(self, offset):
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(1 << 20))
+        while self.pos < offset:
+            self._take(self._scratch[: min(len(self._scratch), offset - self.pos)])
+
+    def readinto(self, mv, offset):
+        if offset < self.pos:
+            raise OutOfOrder(f"blob {self.spec.blob}: read at {offset} after {self.pos}")
+        n = max(0, min(len(mv), self.size - offset))
+        self._skip_to(offset)
+        if n:
+            self._take(memoryview(mv).cast("B")[:n])
+        return n
+
+    def readv(self, bufs, offset):
+        got = 0
+        for mv in bufs:
+            n = self.readinto(mv, offset + got)
+            got += n
+            if n < len(mv):
+                break
+        return got
+
+    def close(self):
+        """Read (and check) the rest of the blob, so the next blob's chunks come next."""
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            try:
+                self.stream = stream
+                self._skip_to(self.size)
+            except Exception:
+                stream.broken = True
+            finally:
+                self.stream = None

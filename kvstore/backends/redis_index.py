@@ -235,6 +235,24 @@ class RedisPlace:
             at += count
         return out
 
+    def stream_chunks(self, specs):
+        """A ``ChunkStream``: the GETs of ``[(blob, count)]`` sent in one pipeline, their
+        values left on the connection for the caller to receive in place. ``None`` on a
+        cluster (the client splits pipelines by node there)."""
+        c = self.open()
+        if self.cluster:
+            return None
+        pool = c.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(
+                [("GET", self.chunk_key(b, i)) for b, count in specs for i in range(count)]))
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        return ChunkStream(conn, pool, sum(count for _b, count in specs))
+
     def have_chunks(self, specs, ttl=None):
         """``{blob: True if every chunk is there}`` for ``[(blob, count)]``; with ``ttl`` their
         expiry is renewed (a new snapshot sharing an old blob keeps it alive)."""
@@ -318,3 +336,75 @@ class RedisPlace:
         else:
             used, limit, policy = mem.get("used_memory", 0), mem.get("maxmemory", 0), mem.get("maxmemory_policy", "")
         return {"used_memory": used, "maxmemory": limit, "maxmemory_policy": policy, "cluster": self.cluster}
+
+
+class ChunkStream:
+    """Bulk-string replies read off one connection straight into the caller's buffers.
+
+    Only GET replies are expected: ``$<n>\\r\\n<n bytes>\\r\\n`` or ``$-1\\r\\n``
+    (no such key). ``finish`` gives the connection back to the pool when every
+    reply was read, and drops it otherwise (a stream left half read is never reused).
+    """
+
+    def __init__(self, conn, pool, replies):
+        self.conn, self.pool, self.replies = conn, pool, replies
+        self.sock = conn._sock
+        self.broken = False
+        self._one = bytearray(1)
+
+    def _line(self):
+        out = bytearray()
+        one = memoryview(self._one)
+        while not out.endswith(b"\r\n"):
+            if self.sock.recv_into(one, 1) != 1:
+                raise ConnectionError("the remote closed the connection")
+            out += one
+            if len(out) > 64:
+                raise ConnectionError("unexpected reply from the remote")
+        return bytes(out[:-2])
+
+    def begin(self):
+        """Start the next reply: its length, or ``None`` for a missing key."""
+        self.replies -= 1
+        line = self._line()
+        if line in (b"$-1", b"_"):  # no such key (RESP2, RESP3)
+            return None
+        if not line.startswith(b"$"):
+            self.broken = True
+            raise ConnectionError(f"unexpected reply from the remote: {line[:40]!r}")
+        return int(line[1:])
+
+    def recv_into(self, mv):
+        got, n = 0, len(mv)
+        while got < n:
+            k = self.sock.recv_into(mv[got:], n - got)
+            if k == 0:
+                raise ConnectionError("the remote closed the connection")
+            got += k
+
+    def end(self):
+        """Read the reply's closing CRLF."""
+        if self._line() != b"":
+            raise ConnectionError("unexpected reply framing from the remote")
+
+    def skip_reply(self):
+        n = self.begin()
+        if n is not None:
+            buf = memoryview(bytearray(min(n, 1 << 20)))
+            while n:
+                k = min(n, len(buf))
+                self.recv_into(buf[:k])
+                n -= k
+            self.end()
+
+    def finish(self):
+        """Give the connection back (clean) or drop it (anything left unread or broken)."""
+        try:
+            if not self.broken:
+                while self.replies > 0:
+                    self.skip_reply()
+        except Exception:
+            self.broken = True
+        if self.broken:
+            self.conn.disconnect()
+        self.pool.release(self.conn)
