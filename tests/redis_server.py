@@ -74,3 +74,41 @@ class RedisServer:
         """Kill and start again on the same port: empty (nothing is persisted)."""
         self.kill()
         return self.start()
+
+
+class RedisCluster:
+    """Three redis-server nodes on loopback joined into one cluster (no replicas)."""
+
+    def __init__(self, workdir, password=None):
+        self.password = password or secrets.token_hex(12)
+        extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--masterauth", self.password]
+        self.nodes = []
+        for i in range(3):
+            port = free_port()
+            node = RedisServer(Path(workdir) / f"node{i}", self.password, port,
+                               extra + ["--cluster-config-file", f"nodes-{port}.conf"])
+            self.nodes.append(node)
+
+    @property
+    def url(self):
+        return self.nodes[0].url
+
+    def start(self):
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.skip("redis-cli is not installed")
+        subprocess.run([cli, "-a", self.password, "--no-auth-warning", "--cluster", "create",
+                        *[f"127.0.0.1:{n.port}" for n in self.nodes], "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if b"cluster_state:ok" in self.nodes[0].client().execute_command("CLUSTER", "INFO"):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("the cluster did not come up")
+
+    def kill(self):
+        for node in self.nodes:
+            node.kill()

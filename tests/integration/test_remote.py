@@ -204,3 +204,36 @@ def test_cli_push_list_pull_prune(load_tiny, redis_server, tmp_path):
     dst.close()
     assert "About to delete 1" in kv("src", "prune", "-f", "tier=user", "-y")
     assert [e["tier"] for e in json.loads(kv("src", "list", "--format", "json"))] == ["system"]
+
+
+def test_redis_cluster_of_three_nodes(load_tiny, tmp_path):
+    """A 3-node loopback cluster: a namespace's index in one slot, each blob's chunks in one."""
+    from redis_server import RedisCluster
+
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    try:
+        model, _ = load_tiny("llama")
+        stores = []
+        for name in ("a", "b"):
+            store = kvstore.SnapshotStore(tmp_path / name, block_tokens=16)
+            tier = attach(store, cluster.url)
+            assert tier.place.cluster
+            stores.append(store)
+        a, b = stores
+        keys = []
+        for seed in range(4):  # blobs of several snapshots land on several nodes
+            toks = prompt(40, seed=20 + seed)
+            keys.append((toks, a.put("fp", toks, prefill(model, toks)[0], "system")))
+        assert a.remote.flush(60) and a.remote.stats()["remote.pushed"] == 4
+        for toks, _key in keys:
+            req = toks + [2, 3]
+            cache, rest, match = b.fetch("fp", req)
+            assert match.source == "remote"
+            warm = model(mx.array(rest)[None], cache=cache)[0, -1]
+            assert float(mx.abs(warm - prefill(model, req)[1]).max()) == 0.0
+        used = [n.client().dbsize() for n in cluster.nodes]
+        assert sum(1 for u in used if u) >= 2
+        a.close()
+        b.close()
+    finally:
+        cluster.kill()
