@@ -11,9 +11,10 @@ KV was computed), interleaves with the order rotating every repeat:
   bytes only: the floor for moving these bytes through this client)
 - ``disk``: a local disk hit of the same snapshot (page cache warm)
 
-The remote hit is split into ``lookup`` (one script call), ``get`` (the
-chunk pipeline), ``check`` (chunk digests) and ``load`` (into MLX arrays,
-row checksums included). Then: 1, 2 and 4 concurrent readers (threads,
+The remote hit is split into ``lookup`` (one script call) and ``read``
+(the chunk pipeline received into the cache's buffers, digests and row
+checksums included; ``alloc``, the part of it that allocates and zeroes
+those buffers). Then: 1, 2 and 4 concurrent readers (threads,
 each its own host and connection) against the same number of raw GET
 readers; the chunk size sweep; and a first request on a fresh host (empty
 local store, new connection) with and without the remote, with a real cold
@@ -67,13 +68,13 @@ class Timed:
     """Seconds spent in the remote tier's stages (its functions wrapped in this process)."""
 
     def __init__(self):
+        import kvstore.loader as L
         import kvstore.remote as R
 
         self.t = {}
         self._wrap(R.RedisPlace, "lookup", "lookup")
-        self._wrap(R.RedisPlace, "get_chunks", "get")
-        self._wrap(R, "check_chunks", "check")
-        self._wrap(R, "load", "load")
+        self._wrap(R.RemoteTier, "_read", "read")
+        self._wrap(L, "alloc", "alloc")
 
     def _wrap(self, owner, name, stage):
         real = getattr(owner, name)
@@ -168,7 +169,7 @@ def bench_size(cfg, url, tmp, n, timed):
                 stages.append(timed.take())
             timed.take()
     med = {k: C.median(v) for k, v in rows.items()}
-    st = {s: C.median([x.get(s, 0.0) for x in stages]) for s in ("lookup", "get", "check", "load")}
+    st = {s: C.median([x.get(s, 0.0) for x in stages]) for s in ("lookup", "read", "alloc")}
     out = {"tokens": n, "bytes": nbytes, "chunks": sum(c for _b, c in specs), "seconds": rows, "median": med,
            "remote_stages": st, "remote_over_raw_get": med["remote"] / med["raw_get"],
            "remote_over_disk": med["remote"] / med["disk"]}
@@ -217,7 +218,9 @@ def bench_readers(cfg, url, tmp):
                 t.join()
             wall = now() - t0
             flat = [x for ts in times for x in ts]
-            res[name] = {"median_s": C.median(flat), "wall_s": wall, "gb_per_s": len(flat) * nbytes / wall / 1e9}
+            # throughput of k readers each taking the median time per restore
+            res[name] = {"median_s": C.median(flat), "wall_s": wall, "seconds": flat,
+                         "gb_per_s": k * nbytes / C.median(flat) / 1e9}
         res["readers"], res["remote_over_raw_get"] = k, res["remote"]["median_s"] / res["raw_get"]["median_s"]
         log(f"  {k} readers: remote {res['remote']['median_s']*1e3:.1f} ms, raw GET "
             f"{res['raw_get']['median_s']*1e3:.1f} ms ({res['remote_over_raw_get']:.2f}x)")
