@@ -237,3 +237,28 @@ def test_redis_cluster_of_three_nodes(load_tiny, tmp_path):
         b.close()
     finally:
         cluster.kill()
+
+
+def test_serve_with_remote_second_host_hits(tiny_model, redis_server, tmp_path):
+    """Host a warms into its store and pushes; a server on host b (its own empty store) hits
+    the system prompt from Redis on its first request. A server whose remote is unreachable
+    serves anyway and says so once."""
+    from kvstore_cli.demo import SYSTEM, LocalServer, cached
+    from redis_server import free_port
+
+    model = tiny_model("llama")
+    kv = [sys.executable, "-m", "kvstore_cli.main"]
+    out = subprocess.run(kv + ["--store", str(tmp_path / "a"), "warm", "--model", str(model), "--system", SYSTEM,
+                               "--remote", redis_server.url, "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (snap,) = json.loads(out.stdout)["snapshots"]
+    with LocalServer(tmp_path / "b", model, "--remote", redis_server.url) as s:
+        first = s.chat("Do you sell hammers?")
+    assert cached(first) >= snap["tokens"]
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    with LocalServer(tmp_path / "c", model, "--remote", dead) as s:
+        answers = [s.chat(q) for q in ("Do you sell nails?", "And screws?")]
+        log = s.stop()
+    assert all(a["choices"] for a in answers)
+    assert log.count("unavailable") == 1 and "Traceback" not in log
