@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .errors import CorruptSnapshot
-from .records import (decode_model, decode_segment, decode_snapshot, encode_segment, model_from, segment_from,
+from .records import (decode_model, decode_segment, decode_snapshot, encode_segment, segment_from,
                       unpack)
 from .transactions import index_snapshot, merge_model
 from .transfer import BlobSpec, Bundle, check_chunks, decode_bundle, encode_bundle, split
@@ -194,7 +194,3 @@ def sweep_chunks(tier):
             tier.place.delete_keys(names)
             gone += 1
     return gone
-
-
-def model_of(bundle):
-    return model_from(unpack(bundle.model, "model record"))

@@ -24,6 +24,21 @@ def redis_binary():
     return path
 
 
+def bus_free_port():
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisServer:
     """One redis-server process with no persistence, on a free loopback port."""
 
@@ -84,7 +99,7 @@ class RedisCluster:
         extra = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", "--masterauth", self.password]
         self.nodes = []
         for i in range(3):
-            port = free_port()
+            port = bus_free_port()
             node = RedisServer(Path(workdir) / f"node{i}", self.password, port,
                                extra + ["--cluster-config-file", f"nodes-{port}.conf"])
             self.nodes.append(node)

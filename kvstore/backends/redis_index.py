@@ -23,6 +23,7 @@ what a hit is stays with ``kvstore.matching``. Faults are the client's
 exceptions; ``kvstore.remote`` turns them into misses.
 """
 
+import threading
 from urllib.parse import urlsplit
 
 from ..errors import InvalidInput
@@ -151,9 +152,13 @@ def check_url(url):
 def connect(url, connect_timeout, timeout):
     """A client for ``url`` (a ``RedisCluster`` when the server is a cluster node)."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     check_url(url)
-    opts = {"socket_connect_timeout": connect_timeout, "socket_timeout": timeout, "health_check_interval": 0}
+    # one immediate retry (a connection dropped by a restart reconnects), never a sleep on the request path
+    opts = {"socket_connect_timeout": connect_timeout, "socket_timeout": timeout, "health_check_interval": 0,
+            "retry": Retry(NoBackoff(), 1)}
     client = redis.Redis.from_url(url, **opts)
     info = client.info("cluster")
     if info.get("cluster_enabled"):
@@ -180,16 +185,18 @@ class RedisPlace:
         self.client = None
         self.cluster = False
         self._scripts = None
+        self._lock = threading.Lock()
 
     def open(self):
         """Connect (if not connected) and return the client."""
-        if self.client is None:
-            self.client, self.cluster = connect(self.url, self.connect_timeout, self.timeout)
-            c = self.client
-            self._scripts = (c.register_script(LOOKUP), c.register_script(PUT), c.register_script(DELETE))
-            for script in (LOOKUP, PUT, DELETE):  # loaded now, so a request's call is one round trip
-                c.script_load(script)
-        return self.client
+        with self._lock:
+            if self.client is None:
+                c, cluster = connect(self.url, self.connect_timeout, self.timeout)
+                self._scripts = (c.register_script(LOOKUP), c.register_script(PUT), c.register_script(DELETE))
+                for script in (LOOKUP, PUT, DELETE):  # loaded now, so a request's call is one round trip
+                    c.script_load(script)
+                self.client, self.cluster = c, cluster
+            return self.client
 
     def close(self):
         if self.client is not None:
