@@ -215,7 +215,10 @@ class RemoteTier:
         """``(cache, Plan)`` from the remote for ``chain``'s tokens serving more than
         ``min_tokens``, or ``None``. Faults and bad bundles are misses."""
         m, block = len(chain), chain.block
-        if m < 2 or min_tokens >= m - 1 or not self.available():
+        if m < 2 or min_tokens >= m - 1:
+            return None
+        if not self.available():
+            self.count("skipped")
             return None
         nsx = ns_id(str(fp), block)
         links = [link.hex() for link in chain.links[: m // block + 1]]

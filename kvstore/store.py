@@ -33,7 +33,7 @@ from .loader import load
 from .maintenance.policy import PrunePolicy
 from .matching import DedupBase, dedup_base, plan_fetch
 from .records import FORMAT_VERSION, TIERS, Extent, Model, Segment, Snapshot, decode_model, decode_snapshot, unpack
-from .reports import Match, Problem, SnapshotInfo
+from .reports import Match, Problem, RemoteMatch, SnapshotInfo
 from .transactions import SegmentGone, add_snapshot, check_layout, remove_snapshot
 
 log = logging.getLogger("kvstore")
@@ -275,8 +275,8 @@ class SnapshotStore:
                         self._count("tokens_reused", plan.tokens)
                         if source == "disk":
                             self.access.touch(plan.key)
-                    return cache, rest(plan.tokens), Match(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier,
-                                                           source)
+                    made = Match if source == "disk" else RemoteMatch
+                    return cache, rest(plan.tokens), made(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
         except InvalidInput:
             raise
         except (KVStoreError, OSError) as exc:
