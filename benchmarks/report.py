@@ -966,7 +966,7 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS, before=None)
     for name, fn in (("restore", restore_section), ("hotpath", hotpath_section), ("multiturn", multiturn_section),
                      ("agent", agent_section), ("scale", scale_section), ("server", server_section),
                      ("peers", peers_section), ("fingerprint", fingerprint_section),
-                     ("compare", compare_section)):
+                     ("compare", compare_section), ("remote", _remote_section)):
         if name in data:
             doc.append(fn(data[name]))
     rel = Path(plots).resolve().relative_to(Path(md).resolve().parent) if Path(plots).resolve().is_relative_to(
@@ -984,6 +984,12 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS, before=None)
             ""]
     Path(md).write_text("\n".join(doc))
     return md
+
+
+def _remote_section(d):
+    from report_remote import remote_section
+
+    return remote_section(d)
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import report  # noqa: E402
 
-SCRIPTS = ("restore", "hotpath", "multiturn", "agent", "scale", "server")
+SCRIPTS = ("restore", "hotpath", "multiturn", "agent", "scale", "server", "remote")
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ COMMANDS = {
     "verify": ("admin", "check every blob's header, size and checksums"),
     "export": ("admin", "write a selection of snapshots to an archive"),
     "import": ("admin", "add the snapshots of an archive to the store"),
+    "remote": ("remote", "snapshots shared through Redis: list, stats, push, pull, prune"),
     "serve": ("serve", "run mlx_lm.server with the persistent prompt cache"),
     "warm": ("warm", "prefill prompts and store their snapshots"),
     "demo": ("demo", "warm, serve and restart on a built-in tiny model, showing what is reused"),

@@ -15,6 +15,8 @@ import re
 import signal
 import sys
 
+from .remote import InvalidInput, add_remote_args, attach_args
+
 log = logging.getLogger("kvstore")
 
 FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
@@ -88,6 +90,7 @@ def build_parser():
     p.add_argument("--tenant-from-key", action="store_true",
                    help="take each request's tenant from a hash of its API key (Authorization: Bearer KEY "
                         "or X-Api-Key); --tenant-header wins when both are present (default: off)")
+    add_remote_args(p)
     return p
 
 
@@ -180,6 +183,11 @@ def _serve(server, args, rest, store_dir):
     from .main import default_store
 
     store = None if args.no_disk else open_store(args.store or store_dir or default_store(), args.disk_max_bytes)
+    try:
+        attach_args(store, args)
+    except InvalidInput as exc:
+        print(f"kvstore serve: {exc}", file=sys.stderr)
+        return 2
     made = []
     metrics = ServerMetrics()
 

@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+from .remote import add_remote_args, attach_args
+
 
 def _load_json(path, what):
     try:
@@ -47,6 +49,7 @@ def build_parser():
     p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens per prefill step (default: 2048)")
     p.add_argument("--format", choices=("human", "json"), default=None, help="output format (default: human)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the keys stored")
+    add_remote_args(p)
     return p
 
 
@@ -141,6 +144,7 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with store:
+            attach_args(store, args)  # warmed system prompts are pushed as they are stored
             results = warm(
                 store, args.model, chats, adapter_path=args.adapter_path, tools=tools,
                 chat_template_args=args.chat_template_args, prefill_step_size=args.prefill_step_size,

@@ -57,6 +57,14 @@ class Match(NamedTuple):
     tokens: int
     kind: str
     tier: str
+    source = "disk"  # where it was loaded from (``RemoteMatch``: "remote"); not a field
+
+
+class RemoteMatch(Match):
+    """A ``Match`` served by the remote tier."""
+
+    __slots__ = ()
+    source = "remote"
 
 
 @dataclass

@@ -218,6 +218,8 @@ class PromptSession:
             system messages) or extra patterns to remove as well.
         chat_template_args: keyword arguments for ``apply_chat_template``.
         prefill_step_size: tokens per prefill step (as mlx-lm).
+        remote: a Redis URL (or ``kvstore.remote.RemoteTier``) behind the local store;
+            ``remote_options`` are ``RemoteTier`` keyword arguments.
         **cache_options: ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``,
             ``max_kv_size``, passed to mlx-lm and part of the fingerprint.
 
@@ -226,7 +228,8 @@ class PromptSession:
 
     def __init__(self, model, store=None, *, model_path=None, adapter_path=None, fingerprint=None,
                  max_size=10, max_bytes=None, persist=("system", "user"), normalize=False,
-                 chat_template_args=None, prefill_step_size=2048, **cache_options):
+                 chat_template_args=None, prefill_step_size=2048, remote=None, remote_options=None,
+                 **cache_options):
         if isinstance(model, (str, Path)):
             import mlx_lm
 
@@ -237,7 +240,12 @@ class PromptSession:
         self.cache_options = cache_options
         self._owns_cache = not isinstance(store, TieredPromptCache)
         if self._owns_cache:
-            store = TieredPromptCache(store, max_size, max_bytes, persist=persist, **cache_options)
+            store = TieredPromptCache(store, max_size, max_bytes, persist=persist, remote=remote,
+                                      remote_options=remote_options, **cache_options)
+        elif remote is not None:
+            from .remote import attach
+
+            attach(store.store, remote, **(remote_options or {}))
         self.cache = store
         if fingerprint is None and model_path is not None:
             fingerprint = make_fingerprint(model_path, adapter_path=adapter_path,

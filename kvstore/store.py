@@ -34,7 +34,7 @@ from .maintenance.policy import PrunePolicy
 from .quarantine import Repairs
 from .matching import DedupBase, dedup_base, plan_fetch
 from .records import FORMAT_VERSION, TIERS, Extent, Model, Segment, Snapshot, decode_model, decode_snapshot, unpack
-from .reports import Match, Problem, SnapshotInfo
+from .reports import Match, Problem, RemoteMatch, SnapshotInfo
 from .transactions import SegmentGone, add_snapshot, check_layout, remove_snapshot
 
 log = logging.getLogger("kvstore")
@@ -92,6 +92,7 @@ class SnapshotStore:
         self._count_lock = threading.Lock()
         self._bad = {}
         self._chains = ChainCache()
+        self.remote = None  # a kvstore.remote.RemoteTier (see kvstore.remote.attach)
         self.access = AccessLog(self.index, access_flush, self._fault)
         # snapshots that fail to load are checked (and quarantined) off the request's way
         self.repairs = None if self.readonly or not repair else Repairs(self)
@@ -111,6 +112,8 @@ class SnapshotStore:
         if self.repairs is not None:
             self.repairs.close()
         self.access.close()
+        if self.remote is not None:
+            self.remote.close()
         self.backend.close()
 
     def __enter__(self):
@@ -215,6 +218,8 @@ class SnapshotStore:
             self._unlink(written)
             raise
         self._count("puts")
+        if self.remote is not None:
+            self.remote.queued_push(self, key, tier)
         self._count("put_tokens_shared", base.tokens)
         self._count("bytes_written", snap.own_bytes)
         if self.max_bytes is not None:
@@ -274,14 +279,21 @@ class SnapshotStore:
             return None, rest(0), None
         try:
             chain = self.chain(fp, toks, tenant)
-            for plan in self._plans(fp, chain, min_tokens):
-                cache = self._load(fp, chain, plan)
+            plans = self._plans(fp, chain, min_tokens)
+            got = None
+            if self.remote is not None and record:  # the remote serves what is longer than our best match
+                got = self.remote.fetch(self, fp, chain, max([min_tokens] + [p.tokens for p in plans]))
+            for plan, cache in [(got[1], got[0])] if got else [(p, None) for p in plans]:
+                source = "disk" if cache is None else "remote"
+                cache = cache if cache is not None else self._load(fp, chain, plan)
                 if cache is not None:
                     if record:
                         self._count("hits")
                         self._count("tokens_reused", plan.tokens)
-                        self.access.touch(plan.key)
-                    return cache, rest(plan.tokens), Match(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
+                        if source == "disk":
+                            self.access.touch(plan.key)
+                    made = Match if source == "disk" else RemoteMatch
+                    return cache, rest(plan.tokens), made(plan.key.hex(), plan.tokens, plan.kind, plan.record.tier)
         except InvalidInput:
             raise
         except (KVStoreError, OSError) as exc:

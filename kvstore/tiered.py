@@ -48,7 +48,7 @@ class Fetched:
 
     ``cache`` is an independent cache holding ``reused`` tokens (``None`` on a
     miss), ``rest`` the tokens still to prefill (never empty when the prompt is
-    not), ``source`` ``"memory"``, ``"disk"`` or ``None``, ``tier`` the tier
+    not), ``source`` ``"memory"``, ``"disk"``, ``"remote"`` or ``None``, ``tier`` the tier
     of the entry served and ``kind`` ``"exact"``, ``"shorter"`` or ``"longer"``.
     """
 
@@ -171,6 +171,8 @@ class TieredPromptCache:
         log_interval: seconds between counter log lines (``None``: never).
         exit_timeout: seconds an interpreter exit waits for queued writes.
         store_options: keyword arguments for ``SnapshotStore`` when a path is given.
+        remote: a Redis URL or ``kvstore.remote.RemoteTier`` behind the local store (see
+            ``kvstore.remote``); ``remote_options`` are ``RemoteTier`` keyword arguments.
         **cache_options: ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``,
             ``max_kv_size``: the cache recipe the server uses, part of the
             fingerprint of an mlx_lm.server model key.
@@ -186,7 +188,7 @@ class TieredPromptCache:
 
     def __init__(self, store_or_path=None, max_size=10, max_bytes=None, *, persist=("system", "user"),
                  queue_size=64, queue_policy="drop", queue_timeout=1.0, log_interval=60.0,
-                 exit_timeout=30.0, store_options=None, **cache_options):
+                 exit_timeout=30.0, store_options=None, remote=None, remote_options=None, **cache_options):
         unknown = set(cache_options) - set(LAYOUT_OPTIONS)
         if unknown:
             raise TypeError(f"unknown cache options: {sorted(unknown)} (known: {LAYOUT_OPTIONS})")
@@ -219,6 +221,12 @@ class TieredPromptCache:
                     log.warning("kvstore: serving from memory only")
             else:
                 self.store = store_or_path
+        if remote is not None:
+            from .remote import attach
+
+            if self.store is None:
+                raise ValueError("a remote tier needs a local store (memory -> local store -> remote)")
+            attach(self.store, remote, **(remote_options or {}))
         self._writer = None
         self._promoter = Promoter(self.store, self._count) if self.store is not None else None
         self._store_counters = self.store.counters if self.store is not None else None
@@ -253,7 +261,8 @@ class TieredPromptCache:
         ``memory.bytes`` / ``memory.evicted``.
         """
         out = self._count.snapshot()
-        for name in ("fetches", "hits", "misses", "hits.memory", "hits.disk", "misses.memory", "misses.disk",
+        for name in ("fetches", "hits", "misses", "hits.memory", "hits.disk", "hits.remote", "misses.memory",
+                     "misses.disk",
                      "tokens.requested", "tokens.reused", "bytes.read", "bytes.written", "writes.queued",
                      "writes.done", "writes.dropped", "writes.failed", "disk.faults"):
             out.setdefault(name, 0)
@@ -270,6 +279,8 @@ class TieredPromptCache:
         # every fault once: the store's own (failed loads among them) and this cache's (a failed
         # write is counted by both)
         out["faults"] = out["disk.faults"] + out.get("store.faults", 0) - out.get("store.put_failures", 0)
+        if getattr(self.store, "remote", None) is not None:
+            out.update(self.store.remote.stats())
         return out
 
     def _maybe_log(self):
@@ -401,7 +412,7 @@ class TieredPromptCache:
         # the caller keeps the loaded cache (nobody else holds its buffers, so its first
         # write copies nothing); memory gets its own copy, read on another thread
         self._promoter.submit(Ticket(key, tokens[: n + 1], n, fp, tier, tenant))
-        return Fetched(cache, tokens[n:], n, "disk", tier, match.kind)
+        return Fetched(cache, tokens[n:], n, match.source, tier, match.kind)
 
     def _promoted(self):
         """Put the caches promotion has loaded into the memory tier (on the caller's thread)."""

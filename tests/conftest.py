@@ -50,3 +50,13 @@ def store(tmp_path):
     s = kvstore.SnapshotStore(tmp_path / "store", block_tokens=16)
     yield s
     s.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on 127.0.0.1 with a random password (``.url`` to connect)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
