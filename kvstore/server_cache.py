@@ -79,6 +79,12 @@ class RequestCache:
         generator._tokenize = _tokenize
         return generator
 
+    def quiet(self):
+        """This cache for the server's own fetches and inserts between requests
+        (resume points): the current request's tenant, but no request log line
+        and no request metrics."""
+        return _Quiet(self.cache, self.tenant)
+
     # ---------------------------------------------------- LRUPromptCache API
     def fetch_nearest_cache(self, model, tokens):
         t0 = time.perf_counter()
@@ -108,3 +114,17 @@ class RequestCache:
     def __getattr__(self, name):
         # nbytes, stats_by_type, trim_to, counters, flush, close, ...
         return getattr(self.cache, name)
+
+
+class _Quiet:
+    """``fetch_nearest_cache`` / ``insert_cache`` for one tenant, not counted as requests."""
+
+    def __init__(self, cache, tenant):
+        self.cache, self.tenant = cache, tenant
+
+    def fetch_nearest_cache(self, model, tokens):
+        got = self.cache.fetch(model, tokens, tenant=self.tenant)
+        return got.cache, got.rest
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+        self.cache.insert_cache(model, tokens, prompt_cache, cache_type=cache_type, tenant=self.tenant)

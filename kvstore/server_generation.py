@@ -142,7 +142,10 @@ class ResumeGenerator(server.ResponseGenerator):
             reply = reply_message(tokenizer, out, pending.state, pending.tools, stopped)
             target = reply_end(tokenizer, [_flatten(m) for m in pending.messages], reply, pending.tools,
                                pending.template_args)
-            n = checkpoint_reply(self.prompt_cache._inner, model_key, provider.model, pending.prompt, out, cache,
+            inner = self.prompt_cache._inner
+            # kvstore serve's cache: the request's tenant, not counted as a request
+            quiet = getattr(type(inner), "quiet", None)
+            n = checkpoint_reply(quiet(inner) if quiet else inner, model_key, provider.model, pending.prompt, out, cache,
                                  target, self.cli_args.prefill_step_size)
             if n is not None:
                 self.resume_points += 1
