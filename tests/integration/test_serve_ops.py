@@ -170,3 +170,42 @@ def test_sigterm_exits_0_every_time(tmp_path, tiny_model):
 def test_sigterm_exits_0_every_time_long(tmp_path, tiny_model):
     codes, logs = stop_cycles(tmp_path, tiny_model("qwen3_5"), 40)
     assert codes == [0] * 40, [(i, log[-1500:]) for i, (c, log) in enumerate(zip(codes, logs)) if c]
+
+
+def test_sigterm_with_requests_in_flight(tmp_path, tiny_model):
+    """A stop while long completions (streamed and not) are still generating:
+    exit 0 within seconds, the clients get an answer or a closed connection."""
+    import threading
+
+    model = tiny_model("llama")
+    for i, extra in enumerate([(), ("--no-disk",)]):
+        s = Server(None if extra else tmp_path / "store", model, *extra, "--max-tokens", "4000",
+                   log=tmp_path / f"inflight{i}.log")
+        ended = []
+
+        def ask(stream):
+            body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 4000,
+                    "stream": stream}
+            req = urllib.request.Request(f"http://127.0.0.1:{s.port}/v1/chat/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    r.read()
+            except OSError:
+                pass
+            ended.append(stream)
+
+        clients = [threading.Thread(target=ask, args=(k % 2 == 0,)) for k in range(3)]
+        for c in clients:
+            c.start()
+        time.sleep(1.5)
+        assert len(ended) == 0, "the completions ended before the stop"
+        s.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        assert s.proc.wait(timeout=60) == 0, s.log.read_text()[-2000:]
+        assert time.monotonic() - t0 < 30
+        for c in clients:
+            c.join(60)
+        assert len(ended) == 3
+        log = s.log.read_text()
+        assert "terminate called" not in log and "Traceback" not in log
