@@ -209,3 +209,24 @@ def test_sigterm_with_requests_in_flight(tmp_path, tiny_model):
         assert len(ended) == 3
         log = s.log.read_text()
         assert "terminate called" not in log and "Traceback" not in log
+
+
+def test_warm_for_a_tenant(tmp_path, tiny_model):
+    """``kvstore warm --tenant`` / ``--tenant-key`` store under the namespace the
+    server derives from the header / API key: only that tenant's first request hits."""
+    import shutil
+    import subprocess
+    import sys
+
+    kv = shutil.which("kvstore", path=os.path.dirname(sys.executable))
+    store, model = tmp_path / "store", tiny_model("llama")
+    for flag, value in (("--tenant", "acme"), ("--tenant-key", "sk-acme")):
+        out = subprocess.run([kv, "--store", str(store), "warm", "--model", str(model), "--system", SYSTEM,
+                              flag, value, "--format", "json"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    n_sys = json.loads(out.stdout)["snapshots"][0]["tokens"]
+    with Server(store, model, "--tenant-header", "X-Tenant", "--tenant-from-key") as s:
+        assert cached(chat(s, "Do you sell hammers?", {"X-Tenant": "acme"})) >= n_sys
+        assert cached(chat(s, "Do you sell nails?", {"Authorization": "Bearer sk-acme"})) >= n_sys
+        assert cached(chat(s, "Do you sell glue?", {"X-Tenant": "globex"})) == 0
+        assert cached(chat(s, "Do you sell tape?")) == 0
