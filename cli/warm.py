@@ -47,6 +47,11 @@ def build_parser():
     p.add_argument("--quantized-kv-start", type=int, default=None,
                    help="the server's --quantized-kv-start (default: mlx-lm's)")
     p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens per prefill step (default: 2048)")
+    p.add_argument("--tenant", metavar="VALUE",
+                   help="warm for the tenant whose requests carry VALUE in the server's --tenant-header "
+                        "(default: requests without a tenant)")
+    p.add_argument("--tenant-key", metavar="KEY",
+                   help="warm for the tenant of API key KEY (a server with --tenant-from-key)")
     p.add_argument("--format", choices=("human", "json"), default=None, help="output format (default: human)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the keys stored")
     add_remote_args(p)
@@ -117,6 +122,11 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
         args.quantized_kv_start = DEFAULT_QUANTIZED_KV_START
     # the fingerprint the server resolves its model key to, with the same options
     options = cache_options(args)
+    if args.tenant and args.tenant_key:
+        raise SystemExit("kvstore warm: give --tenant or --tenant-key, not both")
+    from kvstore.server_http import header_tenant, key_tenant
+
+    tenant = header_tenant(args.tenant) if args.tenant else key_tenant(args.tenant_key) if args.tenant_key else None
     tty = sys.stderr.isatty() and not quiet
     done = []
 
@@ -148,7 +158,7 @@ def main(argv, store_dir=None, fmt=None, quiet=False):
             results = warm(
                 store, args.model, chats, adapter_path=args.adapter_path, tools=tools,
                 chat_template_args=args.chat_template_args, prefill_step_size=args.prefill_step_size,
-                progress=tty, on_result=report, **options,
+                progress=tty, on_result=report, tenant=tenant, **options,
             )
     except KeyboardInterrupt:
         stored = sum(1 for r in done if r["key"])

@@ -7,7 +7,11 @@ restore and write latency histograms, and, read when scraped, the write
 queue, dropped and failed writes, faults and the store's bytes by tier.
 
 It uses ``prometheus_client`` (its own registry, never the global one) for
-the exposition format and the histogram buckets. It must never raise into a
+the exposition format and the histogram buckets: a small pure-Python
+package that gets the format's details right (escaping, ``_total`` /
+``_bucket`` / ``+Inf`` series, HELP and TYPE lines, thread-safe updates)
+and ships the parser the tests read the endpoint with, where a hand-written
+exposition would need all of that written and tested here. It must never raise into a
 request: every recording call is plain arithmetic under the library's locks,
 and a store that cannot be read when scraped leaves its gauges out.
 

@@ -127,7 +127,7 @@ def deferred_interrupts():
 
 
 def warm(store, model_path, conversations, *, adapter_path=None, tools=None, chat_template_args=None,
-         prefill_step_size=2048, progress=False, on_result=None, **cache_options):
+         prefill_step_size=2048, progress=False, on_result=None, tenant=None, **cache_options):
     """Prefill and store the system segment of each conversation.
 
     Args:
@@ -138,6 +138,7 @@ def warm(store, model_path, conversations, *, adapter_path=None, tools=None, cha
         tools, chat_template_args: as the server renders requests with them.
         progress: show progress bars (prompts, and tokens of the current one) on stderr.
         on_result: called with each result as its prompt finishes.
+        tenant: store in this tenant's namespace (as ``SnapshotStore.put``).
         **cache_options: the server's ``kv_bits`` / ``kv_group_size`` /
             ``quantized_kv_start`` / ``max_kv_size`` (part of the fingerprint).
 
@@ -160,7 +161,7 @@ def warm(store, model_path, conversations, *, adapter_path=None, tools=None, cha
     try:
         for messages in conversations:
             result = _warm_one(store, model, tokenizer, fp, messages, tools, chat_template_args,
-                               prefill_step_size, progress)
+                               prefill_step_size, progress, tenant)
             out.append(result)
             if bar is not None:
                 bar.update(1)
@@ -172,10 +173,10 @@ def warm(store, model_path, conversations, *, adapter_path=None, tools=None, cha
     return out
 
 
-def _warm_one(store, model, tokenizer, fp, messages, tools, chat_template_args, step, progress):
+def _warm_one(store, model, tokenizer, fp, messages, tools, chat_template_args, step, progress, tenant):
     tokens = system_segment(tokenizer, messages, tools=tools, chat_template_args=chat_template_args)
     # already stored at exactly this length: nothing to prefill
-    hit = store.lookup(fp, tokens + [0])
+    hit = store.lookup(fp, tokens + [0], tenant=tenant)
     if hit is not None and (hit.tokens, hit.kind) == (len(tokens), "shorter"):
         return {"key": hit.key, "tokens": len(tokens), "seconds": 0.0, "existing": True}
     bar = None
@@ -191,5 +192,5 @@ def _warm_one(store, model, tokenizer, fp, messages, tools, chat_template_args, 
             bar.close()
     seconds = time.perf_counter() - t0
     with deferred_interrupts():
-        key = store.put(fp, tokens, cache, tier="system")
+        key = store.put(fp, tokens, cache, tier="system", tenant=tenant)
     return {"key": key, "tokens": len(tokens), "seconds": seconds, "existing": False}
