@@ -64,7 +64,8 @@ def build_parser():
                    "none; enforced at startup and after each write, lower tiers first, system prompts only "
                    "when nothing else is left (default: auto)")
     p.add_argument("--persist", type=_tiers, default=("system", "user"), metavar="TIERS",
-                   help="tiers written to disk, comma-separated, or none (default: system,user)")
+                   help="tiers written to disk, comma-separated, or none; assistant holds generated text and "
+                   "every plain /v1/completions prompt (default: system,user)")
     p.add_argument("--no-disk", action="store_true", help="memory tier only, like plain mlx_lm.server")
     p.add_argument("--write-queue", type=int, default=64, metavar="N",
                    help="snapshots waiting for the disk writer before new ones are dropped (default: 64)")

@@ -1,7 +1,11 @@
 """kvstore verify, export and import: integrity, and moving snapshots between stores."""
 
 import os
+import shutil
 from pathlib import Path
+
+from kvstore import SnapshotStore
+from kvstore.maintenance.archive import archive_block_tokens
 
 from . import fmt
 from .common import Fail, _arg, bars, describe, emit, open_store, plural, problem, progress, resolve
@@ -83,9 +87,20 @@ def cmd_import(args):
     """Add an archive's snapshots to the store (created if missing); every blob is verified first."""
     if not os.path.isfile(args.archive):
         raise Fail(f"no archive at {args.archive}")
-    with open_store(args, create=True) as store:
-        with progress(args, None, "importing") as bar:
-            count, nbytes, problems = store.import_archive(args.archive, progress=bar.update)
+    existed = os.path.lexists(args.store)
+    made = not SnapshotStore.is_store(args.store) and (not existed or (
+        os.path.isdir(args.store) and not os.listdir(args.store)))
+    if made:
+        # a new store takes the archive's block size (a damaged manifest creates nothing)
+        SnapshotStore(args.store, block_tokens=archive_block_tokens(args.archive)).close()
+    try:
+        with open_store(args, create=True) as store:
+            with progress(args, None, "importing") as bar:
+                count, nbytes, problems = store.import_archive(args.archive, progress=bar.update)
+    except BaseException:
+        if made:
+            _unmake(args.store, existed)
+        raise
     for p in problems:
         fmt.warn(f"not imported: {describe(p)}")
     if args.format == "json":
@@ -93,6 +108,17 @@ def cmd_import(args):
     elif not args.quiet:
         print(f"Imported {plural(count, 'snapshot')} ({fmt.size(nbytes)}) from {args.archive}.")
     return 1 if problems else 0
+
+
+def _unmake(path, keep_folder):
+    """Remove a store this import created and left empty (its folder too, unless it was there)."""
+    with SnapshotStore(path, readonly=True) as store:
+        if store.entries():
+            return
+    for child in Path(path).iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if not keep_folder:
+        os.rmdir(path)
 
 
 # name -> (add arguments, run)

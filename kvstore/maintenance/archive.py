@@ -185,6 +185,19 @@ def import_archive(store, archive, progress=None):
     return added, added_bytes, problems
 
 
+def archive_block_tokens(archive):
+    """The block size of the store an archive was exported from (the whole manifest is
+    read and checked, none of it kept): a new store made for an import takes it."""
+    tar, first = _open_tar(archive)
+    with tar:
+        header, _segments, _models = read_manifest(tar.extractfile(first), lambda item: None)
+    _check_header(archive, header, header.get("block_tokens"))
+    block = header.get("block_tokens")
+    if type(block) is not int or not 1 <= block <= 1 << 20:
+        raise InvalidInput(f"{archive} names no valid block size ({block!r})")
+    return block
+
+
 def _check_header(archive, header, block):
     if header.get("format") != FORMAT_VERSION:
         raise InvalidInput(f"{archive} has archive format {header.get('format')}")

@@ -215,6 +215,20 @@ def test_truncated_archive_import_is_one_line_and_leaves_nothing(tmp_path):
         assert os.listdir(dest / "tmp") == [], cut
         with kvstore.SnapshotStore(dest) as s:
             assert s.entries() == [] and blob_bytes(dest) == 0
+        fresh = tmp_path / f"fresh-{cut}"  # no store there yet: none is left behind
+        out = kv("import", part, store=fresh)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1 and not fresh.exists()
+
+
+def test_import_into_a_new_store_takes_the_archives_block_size(tmp_path):
+    src = tmp_path / "src"
+    seed_store(src, block=16).close()
+    archive = tmp_path / "all.tar"
+    assert kv("export", archive, store=src).returncode == 0
+    out = kv("import", archive, store=tmp_path / "new")
+    assert out.returncode == 0, out.stderr
+    with kvstore.SnapshotStore(tmp_path / "new") as s, kvstore.SnapshotStore(src) as a:
+        assert s.block == 16 and len(s.entries()) == len(a.entries()) and s.verify() == []
 
 
 def test_temp_files_of_a_killed_import_are_removed_at_once(tmp_path):

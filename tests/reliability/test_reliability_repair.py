@@ -59,7 +59,7 @@ def test_damaged_shared_segment_is_quarantined_and_stored_again(tmp_path, tiny_m
     assert got.cache is None and got.source is None  # a miss, not a hit
     c = tiered.counters()
     assert c["hits"] == 0 and c["faults"] >= 1 and c["store.misses.corrupt"] >= 1
-    assert store.repairs.wait(30)
+    assert store.repairs.wait(120)
     # the damaged blob and both snapshots reading it are out of service
     assert not blob_path(path, shared).exists()
     assert (path / "quarantine" / f"{shared}.safetensors").exists()
@@ -103,7 +103,7 @@ def test_damaged_state_blob_removes_only_its_snapshot(tmp_path):
     flip(blob_path(store.path, blob_a))
     cache, rest = store.fetch_nearest("synthetic", a + [5])
     assert len(rest) > 1  # not served by the damaged snapshot
-    assert store.repairs.wait(30)
+    assert store.repairs.wait(120)
     left = {tuple(store.tokens_of(e.key)) for e in store.entries()}
     assert left == {tuple(base), tuple(b)}
     assert store.verify() == []
