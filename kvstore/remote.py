@@ -401,6 +401,9 @@ class RemoteTier:
         try:
             if self._call(lambda: adopt(store, bundle, chunks, self.place)):
                 self.count("adopted")
+            if self.ttl:  # a snapshot in use stays: its expiry counts from its last hit
+                self._call(lambda: self.place.touch(bundle.ns, key.hex(), [(s.blob, s.chunks()) for s in bundle.blobs],
+                                                    self.ttl))
         finally:
             with self._cv:
                 self._held.pop(key, None)

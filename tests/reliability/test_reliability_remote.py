@@ -192,6 +192,21 @@ def test_expired_snapshot_is_a_miss(redis_server, tmp_path):
     b.close()
 
 
+def test_a_hit_renews_the_expiry(redis_server, tmp_path):
+    a = open_host(tmp_path / "a", redis_server.url, ttl=2)
+    toks, key = put(a, 9)
+    assert a.remote.flush(30)
+    time.sleep(1.2)
+    b = open_host(tmp_path / "b", redis_server.url, ttl=2)
+    assert b.fetch("synthetic", toks + [1])[2].source == "remote"
+    assert b.remote.flush(30)
+    time.sleep(1.2)  # past the first expiry, within the renewed one
+    c = open_host(tmp_path / "c", redis_server.url)
+    assert c.fetch("synthetic", toks + [1])[2].source == "remote"
+    for s in (a, b, c):
+        s.close()
+
+
 @pytest.mark.parametrize("writer,reader,served", [
     ("s3cret-one", "s3cret-two", False),  # signed with another secret
     (None, "s3cret-two", False),  # unsigned, and the reader requires a signature
