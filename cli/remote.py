@@ -64,7 +64,9 @@ def tier_from(args):
 def attach_args(store, args):
     """Put the remote the options name behind ``store`` (warn and go on if it does not answer)."""
     tier = tier_from(args)
-    if tier is not None and store is not None:
+    if tier is not None and store is None:
+        fmt.warn("--remote is not used without a local store (--no-disk)")
+    elif tier is not None:
         from kvstore.remote import attach
 
         attach(store, tier)

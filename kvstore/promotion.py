@@ -189,6 +189,9 @@ class Promoter:
             return self.loading
 
     def _load(self, t):
+        remote = getattr(self.store, "remote", None)
+        if remote is not None:  # a remote hit reaches memory through its local copy
+            remote.wait_adopted()
         try:
             cache, _rest, match = self.store.fetch(t.fp, t.tokens[: t.n + 1], tenant=t.tenant, min_tokens=t.n - 1,
                                                    record=False)

@@ -166,6 +166,7 @@ class RemoteTier:
         self._held = OrderedDict()  # key -> (bundle, chunks): hits not yet in the local store
         self.queue_size = queue_size
         self._jobs, self._busy, self._closed = deque(), 0, False
+        self._adopting = 0  # local writes of hits queued or running
         self._cv = threading.Condition()
         self._thread = None
 
@@ -358,6 +359,7 @@ class RemoteTier:
                 return False
             if job[0] == "adopt":
                 self._jobs.appendleft(job)  # a host's own hits first
+                self._adopting += 1
             else:
                 self._jobs.append(job)
             if self._thread is None:
@@ -399,9 +401,19 @@ class RemoteTier:
         try:
             if self._call(lambda: adopt(store, bundle, chunks, self.place)):
                 self.count("adopted")
+            if self.ttl:  # a snapshot in use stays: its expiry counts from its last hit
+                self._call(lambda: self.place.touch(bundle.ns, key.hex(), [(s.blob, s.chunks()) for s in bundle.blobs],
+                                                    self.ttl))
         finally:
             with self._cv:
                 self._held.pop(key, None)
+                self._adopting -= 1
+                self._cv.notify_all()
+
+    def wait_adopted(self, timeout=30.0):
+        """Wait until the hits served so far are in the local store (or were given up); False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._adopting or self._closed, timeout)
 
     def flush(self, timeout=None):
         """Wait until queued pushes and local writes are done; False on timeout."""
@@ -415,6 +427,7 @@ class RemoteTier:
             self._closed = True
             lost = len(self._jobs)
             self._jobs.clear()
+            self._adopting = 0
             self._cv.notify_all()
         if lost:
             self.count("dropped", lost)

@@ -224,9 +224,10 @@ class TieredPromptCache:
         if remote is not None:
             from .remote import attach
 
-            if self.store is None:
+            if store_or_path is None:
                 raise ValueError("a remote tier needs a local store (memory -> local store -> remote)")
-            attach(self.store, remote, **(remote_options or {}))
+            if self.store is not None:  # a store that failed to open leaves memory only
+                attach(self.store, remote, **(remote_options or {}))
         self._writer = None
         self._promoter = Promoter(self.store, self._count) if self.store is not None else None
         self._store_counters = self.store.counters if self.store is not None else None

@@ -276,6 +276,16 @@ class RedisPlace:
             at += count
         return out
 
+    def touch(self, nsx, key, specs, ttl):
+        """Renew the expiry of a bundle and its blobs' chunks (one pipeline)."""
+        c = self.open()
+        pipe = c.pipeline(transaction=False)
+        pipe.expire(self.base(nsx) + "r:" + key, ttl)
+        for blob, count in specs:
+            for i in range(count):
+                pipe.expire(self.chunk_key(blob, i), ttl)
+        pipe.execute()
+
     def put_chunks(self, blob, parts, ttl=None):
         """Store a blob's chunks (one pipeline)."""
         c = self.open()
