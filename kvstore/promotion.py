@@ -10,11 +10,13 @@ never touches the memory tier. A fetch that needs a snapshot being loaded
 waits for it instead of loading it again; a preload still queued is handed
 back to the fetch, which reads it itself (so a request never waits behind
 other preloads). MLX work here runs on this thread's own stream. The thread
-yields the CPU to requests (lowest priority) from its first promotion on;
-preloading before that runs at normal priority, as nothing else runs yet.
+yields the CPU to requests (lowest priority) from the first request or
+promotion on; preloading before that runs at normal priority, as nothing
+else runs yet.
 """
 
 import logging
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -169,6 +171,16 @@ class Promoter:
 
             lower_priority()
             self.lowered = True
+
+    def yield_to_requests(self):
+        """Lower the thread's priority now (requests have started; preloading goes on behind them)."""
+        thread = self.thread
+        if self.lowered or thread is None or thread.native_id is None or not sys.platform.startswith("linux"):
+            return  # elsewhere only a thread can lower itself: it does at its first promotion
+        self.lowered = True
+        from .writer import lower_priority
+
+        lower_priority(thread.native_id)
 
     def _run_plan(self, make):
         """Queue the plan's tickets; return the first of the queue, marked as loading at once

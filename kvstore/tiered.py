@@ -339,6 +339,8 @@ class TieredPromptCache:
         key, fp = self._key(model, tenant)
         self._count("fetches")
         self._count("tokens.requested", len(tokens))
+        if self._promoter is not None:
+            self._promoter.yield_to_requests()
         self._promoted()
         plan = self._memory.plan(key, tokens)
         mem_n = plan[1] if plan else 0
