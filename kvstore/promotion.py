@@ -16,6 +16,7 @@ else runs yet.
 """
 
 import logging
+import os
 import sys
 import threading
 from collections import deque
@@ -128,6 +129,7 @@ class Promoter:
             if not waiting():
                 return any(serves(t) for t in self.done)
             self.count("promotions.waits")
+            self._restore_priority()
             self.cv.wait_for(lambda: not waiting() or self.closed, timeout)
             return True
 
@@ -171,6 +173,18 @@ class Promoter:
 
             lower_priority()
             self.lowered = True
+
+    def _restore_priority(self):
+        """A request waits for this thread: give it back normal priority if the system allows
+        (Linux: privileged or within RLIMIT_NICE); it lowers itself again at its next promotion."""
+        thread = self.thread
+        if not self.lowered or thread is None or not sys.platform.startswith("linux"):
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread.native_id, 0)
+            self.lowered = False
+        except OSError:
+            pass
 
     def yield_to_requests(self):
         """Lower the thread's priority now (requests have started; preloading goes on behind them)."""

@@ -339,8 +339,6 @@ class TieredPromptCache:
         key, fp = self._key(model, tenant)
         self._count("fetches")
         self._count("tokens.requested", len(tokens))
-        if self._promoter is not None:
-            self._promoter.yield_to_requests()
         self._promoted()
         plan = self._memory.plan(key, tokens)
         mem_n = plan[1] if plan else 0
@@ -349,6 +347,8 @@ class TieredPromptCache:
             self._promoted()
             plan = self._memory.plan(key, tokens)
             mem_n = plan[1] if plan else 0
+        if self._promoter is not None:
+            self._promoter.yield_to_requests()  # what is still preloading goes on behind requests
         if plan is None:
             self._count("misses.memory")
         got = None
