@@ -196,7 +196,7 @@ def table(summary):
 
 HEADING = "## Against vllm-mlx, side by side"
 INSTALL = """python3 -m venv /work/peer-venv
-/work/peer-venv/bin/pip install torch==2.13.0   # where a CPU build of torch lies on disk; else skip
+/work/peer-venv/bin/pip install torch==2.13.0   # a CPU build where one lies on disk (torchvision may then bring another)
 /work/peer-venv/bin/pip install vllm-mlx==0.6.0 "mlx[cpu]"
 .venv/bin/python benchmarks/bench_peers.py --peer-venv /work/peer-venv   # or KVSTORE_PEER_VENV=..."""
 
@@ -218,18 +218,19 @@ def section(result):
            "kvstore serve's `usage`, vllm-mlx's log. The first request after warming follows `kvstore warm` "
            "(kvstore) or a start with `--warm-prompts` (vllm-mlx; its start-up then includes the warm-up).", "",
            table(result["summary"]), "",
-           "Install vllm-mlx beside the project (its own venv: it pins mlx-lm below 0.32 and pulls torch, about "
-           "6.6 GB), then run the script:", "", "```bash", INSTALL, "```", ""]
+           "Install vllm-mlx beside the project (its own venv: it pins mlx-lm below 0.32 and pulls torch and "
+           "torchvision; 6.6 GB here), then run the script:", "", "```bash", INSTALL, "```", ""]
     return "\n".join(out)
 
 
-def write_section(md, text):
-    """Put ``text`` into the RESULTS.md at ``md``: in place of an earlier copy, else before ``## Plots``."""
+def write_section(md, text, heading=HEADING):
+    """Put ``text`` (a section under ``heading``) into the RESULTS.md at ``md``: in place of an
+    earlier copy, else before ``## Plots``."""
     md = Path(md)
     doc = md.read_text() if md.exists() else ""
-    if HEADING in doc:
-        start = doc.index(HEADING)
-        end = doc.find("\n## ", start + len(HEADING))
+    if heading in doc:
+        start = doc.index(heading)
+        end = doc.find("\n## ", start + len(heading))
         doc = doc[:start] + text + (doc[end + 1:] if end >= 0 else "")
     elif "\n## Plots" in doc:
         at = doc.index("\n## Plots") + 1

@@ -129,6 +129,36 @@ def summarize(requests):
     return {"first after restart": row(requests[:1]), "memory hits": row(requests[1:])}
 
 
+HEADING = "## Where a cache hit's time goes in kvstore serve"
+
+
+def section(result):
+    """The RESULTS.md section of a results file."""
+    rows, names = [], []
+    for row in result["summary"].values():
+        for k in [*row["owners"], *row["parts"]]:
+            if k not in names:
+                names.append(k)
+    head = "| | " + " | ".join(f"{k} (n={v['n']})" for k, v in result["summary"].items()) + " |"
+    lines = [head, "| --- |" + " --- |" * len(result["summary"])]
+    lines.append("| time to first token | " + " | ".join(f"{v['ttft'] * 1000:.1f} ms"
+                                                     for v in result["summary"].values()) + " |")
+    for k in names:
+        owner = "" if k in ("kvstore", "mlx_lm.server") or k.startswith("rest") else \
+            (" (kvstore)" if k in ("fetch", "insert_cache") else " (mlx_lm.server)")
+        bold = "**" if k in ("kvstore", "mlx_lm.server") or k.startswith("rest") else ""
+        cells = [f"{row['owners'].get(k, row['parts'].get(k, 0.0)) * 1000:.1f} ms" for row in result["summary"].values()]
+        lines.append(f"| {bold}{k}{bold}{owner} | " + " | ".join(cells) + " |")
+    out = [HEADING, "",
+           f"Script: `{result['command']}`; {result['started']}; load average {result['load_before'][0]:.1f} "
+           f"before, {result['load_after'][0]:.1f} after. kvstore serve (`{result['serve_args']}`) in the "
+           "script's own process with timers around the functions a request passes through, on a store filled "
+           "by an earlier process; the model, prompt and questions of the section above; medians. Parts are "
+           "summed up to the first content chunk; a part's own time includes what MLX evaluates inside it.", "",
+           *lines, ""]
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(C.RESULTS))
@@ -155,6 +185,10 @@ def main(argv=None):
     result["requests"] = runs["measure"]
     result["summary"] = summarize(runs["measure"])
     path = C.finish(result, out=args.out)
+    if Path(args.out).resolve() == C.RESULTS.resolve():
+        import bench_peers
+
+        bench_peers.write_section(C.HERE / "RESULTS.md", section(result), HEADING)
     for name, row in result["summary"].items():
         log(f"{name}: TTFT {row['ttft'] * 1000:.1f} ms; " +
             ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in {**row["owners"], **row["parts"]}.items()))

@@ -10,11 +10,14 @@ never touches the memory tier. A fetch that needs a snapshot being loaded
 waits for it instead of loading it again; a preload still queued is handed
 back to the fetch, which reads it itself (so a request never waits behind
 other preloads). MLX work here runs on this thread's own stream. The thread
-yields the CPU to requests (lowest priority) from its first promotion on;
-preloading before that runs at normal priority, as nothing else runs yet.
+yields the CPU to requests (lowest priority) from the first request or
+promotion on; preloading before that runs at normal priority, as nothing
+else runs yet.
 """
 
 import logging
+import os
+import sys
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -126,6 +129,7 @@ class Promoter:
             if not waiting():
                 return any(serves(t) for t in self.done)
             self.count("promotions.waits")
+            self._restore_priority()
             self.cv.wait_for(lambda: not waiting() or self.closed, timeout)
             return True
 
@@ -169,6 +173,28 @@ class Promoter:
 
             lower_priority()
             self.lowered = True
+
+    def _restore_priority(self):
+        """A request waits for this thread: give it back normal priority if the system allows
+        (Linux: privileged or within RLIMIT_NICE); it lowers itself again at its next promotion."""
+        thread = self.thread
+        if not self.lowered or thread is None or not sys.platform.startswith("linux"):
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread.native_id, 0)
+            self.lowered = False
+        except OSError:
+            pass
+
+    def yield_to_requests(self):
+        """Lower the thread's priority now (requests have started; preloading goes on behind them)."""
+        thread = self.thread
+        if self.lowered or thread is None or thread.native_id is None or not sys.platform.startswith("linux"):
+            return  # elsewhere only a thread can lower itself: it does at its first promotion
+        self.lowered = True
+        from .writer import lower_priority
+
+        lower_priority(thread.native_id)
 
     def _run_plan(self, make):
         """Queue the plan's tickets; return the first of the queue, marked as loading at once

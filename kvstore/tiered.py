@@ -364,6 +364,8 @@ class TieredPromptCache:
             self._promoted()
             plan = self._memory.plan(key, tokens)
             mem_n = plan[1] if plan else 0
+        if self._promoter is not None:
+            self._promoter.yield_to_requests()  # what is still preloading goes on behind requests
         if plan is None:
             self._count("misses.memory")
         got = None

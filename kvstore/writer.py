@@ -21,19 +21,20 @@ POLICIES = ("drop", "wait")
 NICE = 19
 
 
-def lower_priority():
-    """Make the calling thread yield the CPU to request work (generation, prefill).
+def lower_priority(native_id=None):
+    """Make the calling thread (or, on Linux, thread ``native_id``) yield the CPU to
+    request work (generation, prefill).
 
     Linux schedules threads by their own niceness (``setpriority`` on the
-    thread id); macOS by QoS class (``pthread_set_qos_class_self_np``).
-    Elsewhere, or if refused, the thread keeps its priority.
+    thread id); macOS by QoS class (``pthread_set_qos_class_self_np``, the
+    calling thread only). Elsewhere, or if refused, the thread keeps its priority.
     """
     import sys
 
     try:
         if sys.platform.startswith("linux"):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        elif sys.platform == "darwin":
+            os.setpriority(os.PRIO_PROCESS, native_id or threading.get_native_id(), NICE)
+        elif sys.platform == "darwin" and native_id is None:
             import ctypes
 
             qos_class_background = 0x09

@@ -223,3 +223,25 @@ def test_serve_warmup_runs_before_listening(tmp_path, tiny_model):
     with LocalServer(tmp_path / "store2", model) as s:
         plain = s.chat("Do you sell hammers?")
     assert warmed["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_preloading_yields_to_the_first_request(tmp_path, llama):
+    """Preloading runs at normal priority while nothing else runs, at the lowest from the first request on."""
+    import os
+
+    path, _, tok = llama
+    store = warmed(tmp_path, llama)
+    key = (str(path), None, None)
+
+    def nice():
+        (t,) = [t for t in threading.enumerate() if t.name == "kvstore-promote"]
+        return os.getpriority(os.PRIO_PROCESS, t.native_id)
+
+    with TieredPromptCache(store, **opts()) as c:
+        c.preload(key)
+        assert c.settle(60)
+        assert nice() == os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
+        assert c.fetch(key, chat(tok, "Is the wind up?")).source == "memory"
+        assert nice() == 19
+    store.close()

@@ -102,3 +102,23 @@ def test_section_replaces_its_earlier_copy(tmp_path):
     doc = md.read_text()
     assert doc.count(B.HEADING) == 1 and "| cold | 3.00 s | 8.00 s |" in doc
     assert doc.index("## Server") < doc.index(B.HEADING) < doc.index("## Plots") and doc.endswith("pics\n")
+
+
+def test_serve_parts_split_by_owner():
+    import bench_serve_parts as P
+
+    def req(ttft, fetch, prefill, steps):
+        return {"question": "q", "ttft": ttft, "cached": 2000,
+                "parts": {"fetch": fetch, "insert_cache": 0.002, "tokenize": 0.003, "prefill passes": prefill,
+                          "first token pass": 0.01, "batch steps": steps}}
+
+    s = P.summarize([req(0.2, 0.001, 0.1, 0.15), req(0.05, 0.0005, 0.02, 0.04), req(0.07, 0.0005, 0.03, 0.05)])
+    first, hits = s["first after restart"], s["memory hits"]
+    assert first["n"] == 1 and hits["n"] == 2
+    assert abs(first["parts"]["decode step handing out the first token"] - 0.04) < 1e-9
+    assert abs(first["owners"]["kvstore"] - 0.003) < 1e-9
+    assert abs(first["owners"]["mlx_lm.server"] - (0.003 + 0.1 + 0.01 + 0.04)) < 1e-9
+    assert abs(sum(first["owners"].values()) - 0.2) < 1e-9
+    text = P.section({"command": "c", "started": "t", "load_before": [1.0], "load_after": [1.0],
+                      "serve_args": "--preload", "summary": s})
+    assert "| fetch (kvstore) | 1.0 ms | 0.5 ms |" in text and text.startswith(P.HEADING)
