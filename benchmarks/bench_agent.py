@@ -287,8 +287,11 @@ def summarise(reports, half):
 def main(argv=None):
     p = C.mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--skip-disk", action="store_true", help="only the server part")
+    p.add_argument("--repeats", type=int, help="repeats of the server part (default: the mode's)")
     args = p.parse_args(argv)
-    cfg = MODES[args.mode]
+    cfg = dict(MODES[args.mode])
+    if args.repeats:
+        cfg["repeats"] = args.repeats
     result = C.header("agent", args.mode, argv)
     result.update(config=cfg, contenders=CONTENDERS, runs=[])
     models = {role: C.model_dir(name) for role, name in cfg["models"].items()}
