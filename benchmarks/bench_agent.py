@@ -3,7 +3,8 @@
 Two parts:
 
 - ``server``: an agent client drives a real server on 127.0.0.1 over HTTP
-  (streaming, so the time to the first chunk is measured): a long system
+  (streaming, so the time to the first chunk is measured), the contenders
+  interleaved request by request under the same load: a long system
   prompt with tools, then tasks of tool rounds; each reply goes back as the
   server returned it, followed by a scripted tool result. Halfway through (in
   the middle of a task) the server process is replaced by a new one (a
@@ -150,33 +151,43 @@ class Server:
         self.log.close()
 
 
-def run_agent(cfg, contender, model, store, logfile):
-    """The agent run on one contender: a restart halfway; per-request reports."""
-    rng = random.Random(7)
-    messages = [{"role": "system", "content": system_prompt(cfg["system_words"])}]
-    plan = schedule(cfg)
+def restart_point(cfg, plan):
+    """Index of the first request after the restart: halfway, in the middle of a task."""
     half = len(plan) // 2
     if plan[half][1] == 0 and cfg["rounds"] > 1:
-        half += 1  # restart in the middle of a task, not at its start
-    reports, server = [], None
+        half += 1
+    return half
+
+
+def run_agent(cfg, contenders, model, stores, logdir):
+    """The agent run on every contender at once, request by request (interleaved, order
+    rotating), each server replaced by a new process halfway; per-request reports."""
+    plan = schedule(cfg)
+    half = restart_point(cfg, plan)
+    state = {c: {"messages": [{"role": "system", "content": system_prompt(cfg["system_words"])}],
+                 "rng": random.Random(7), "reports": [], "server": None} for c in contenders}
     for i, (k, r) in enumerate(plan):
-        if i in (0, half):
-            if server is not None:
-                server.stop()
-            server = Server(contender, model, store, cfg["max_tokens"], logfile)
-        if r == 0:
-            messages.append(task(rng, k))
-        ttft, total, message, usage = server.chat(messages, cfg["max_tokens"])
-        prompt = usage.get("prompt_tokens", 0)
-        got = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        reports.append({"request": i + 1, "task": k, "round": r, "prompt": prompt, "cached": got,
-                        "share": got / prompt if prompt else 0.0, "ttft_s": ttft, "total_s": total,
-                        "after_restart": i == half})
-        messages.append(message)
-        if r < cfg["rounds"] - 1:  # the task's last reply is its answer; the next request is a new task
-            messages.append(tool_result(cfg, k, r))
-    server.stop()
-    return reports, half
+        for c in C.rotated(contenders, i):
+            st = state[c]
+            if i in (0, half):
+                if st["server"] is not None:
+                    st["server"].stop()
+                st["server"] = Server(c, model, stores[c], cfg["max_tokens"], Path(logdir) / f"{c}.log")
+            messages = st["messages"]
+            if r == 0:
+                messages.append(task(st["rng"], k))
+            ttft, total, message, usage = st["server"].chat(messages, cfg["max_tokens"])
+            prompt = usage.get("prompt_tokens", 0)
+            got = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            st["reports"].append({"request": i + 1, "task": k, "round": r, "prompt": prompt, "cached": got,
+                                  "share": got / prompt if prompt else 0.0, "ttft_s": ttft, "total_s": total,
+                                  "after_restart": i == half})
+            messages.append(message)
+            if r < cfg["rounds"] - 1:  # the task's last reply is its answer; the next request is a new task
+                messages.append(tool_result(cfg, k, r))
+    for st in state.values():
+        st["server"].stop()
+    return {c: st["reports"] for c, st in state.items()}, half
 
 
 # --------------------------------------------------------------------- disk
@@ -276,8 +287,11 @@ def summarise(reports, half):
 def main(argv=None):
     p = C.mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--skip-disk", action="store_true", help="only the server part")
+    p.add_argument("--repeats", type=int, help="repeats of the server part (default: the mode's)")
     args = p.parse_args(argv)
-    cfg = MODES[args.mode]
+    cfg = dict(MODES[args.mode])
+    if args.repeats:
+        cfg["repeats"] = args.repeats
     result = C.header("agent", args.mode, argv)
     result.update(config=cfg, contenders=CONTENDERS, runs=[])
     models = {role: C.model_dir(name) for role, name in cfg["models"].items()}
@@ -286,12 +300,16 @@ def main(argv=None):
         for rep in range(cfg["repeats"]):
             for role, path in models.items():
                 run = {"repeat": rep, "model": role, "contenders": {}}
-                for c in C.rotated(list(CONTENDERS), rep):
-                    store = scratch / f"store-{rep}-{role}-{c}"
-                    reports, half = run_agent(cfg, c, path, store, scratch / f"{c}-{role}.log")
+                order = C.rotated(list(CONTENDERS), rep)
+                stores = {c: scratch / f"store-{rep}-{role}-{c}" for c in order}
+                logdir = scratch / f"logs-{rep}-{role}"
+                logdir.mkdir()
+                got, half = run_agent(cfg, order, path, stores, logdir)
+                for c in CONTENDERS:
+                    reports = got[c]
                     run["contenders"][c] = summarise(reports, half)
                     if c == "kvstore":
-                        run["contenders"][c]["store_bytes"] = C.dir_bytes(store)[0]
+                        run["contenders"][c]["store_bytes"] = C.dir_bytes(stores[c])[0]
                     s = run["contenders"][c]
                     log(f"agent {role} {c} (repeat {rep + 1}): {s['total_ttft_s']:.2f}s to first tokens, "
                         f"{s['cached_tokens']}/{s['prompt_tokens']} cached, shares "

@@ -534,7 +534,11 @@ def agent_section(d):
                          times(d["ttft_ratio"][role], 2) if c == "kvstore" else "–"])
     out += [table(["model", "server", "prompt tokens from cache", "lowest share, later requests of a task, "
                    "before the restart", "after the restart", "total TTFT", "kvstore ÷ mlx_lm.server"], rows), "",
-            f"Hybrid's TTFT ratio ÷ plain's: {times(d['ttft_ratio_hybrid_over_plain'], 3)}.", "",
+            f"Hybrid's TTFT ratio ÷ plain's: {times(d['ttft_ratio_hybrid_over_plain'], 3)}. kvstore's TTFT includes "
+            "the resume point's prefill after each reply (the next request waits for the generation thread). Within a "
+            "task, mlx_lm.server's own checkpoint at the prefill's end already serves the previous prompt when the "
+            "template keeps the reasoning; the resume point adds the reply's tokens. The gains over mlx_lm.server "
+            "are the restart and the first request of a task after it.", "",
             "Share of each request's prompt served from the cache (first repeat; `|` marks the restart, `/` a new "
             "task):", ""]
     for run in [r for r in d["runs"] if r["repeat"] == 0]:
