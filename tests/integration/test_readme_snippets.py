@@ -22,9 +22,9 @@ def readme_block(marker):
 
 def test_tiered_prompt_cache_snippet_runs(tmp_path, tiny_model):
     tiny_model("llama")  # built once for the session; the snippet finds it through KVSTORE_TINY_DIR
-    code, shown = readme_block("TieredPromptCache(")
     store = "/tmp/readme-tiered"
-    assert store in code
+    code, shown = readme_block(store)
+    assert "TieredPromptCache(" in code
     script = tmp_path / "snippet.py"
     script.write_text(code.replace(store, str(tmp_path / "store")))
     runs = [subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
