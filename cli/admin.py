@@ -9,14 +9,13 @@ that only read open the store read-only, and no command but ``import``
 creates a store.
 """
 
-import logging
 import os
 import sys
 
 from kvstore import KVStoreError
 
 from . import fmt
-from .common import Fail
+from .common import Fail, settle
 from .deletion import cmd_gc, cmd_prune, cmd_rm, gc_args, prune_args, rm_args
 from .listing import _glue_sort, cmd_ls, cmd_stats, ls_args, stats_args
 from .main import Parser, global_options
@@ -44,12 +43,7 @@ def main(command, argv, store_dir, output="human", quiet=False):
     parser = Parser(prog=f"kvstore {command}", parents=[global_options(suppress=True)],
                     description=run.__doc__.splitlines()[0])
     add_args(parser)
-    args = parser.parse_args(_glue_sort(argv))
-    args.store = os.path.expanduser(getattr(args, "store", None) or store_dir)
-    args.format = getattr(args, "format", None) or output
-    args.quiet = getattr(args, "quiet", False) or quiet
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
-                        format="kvstore: %(levelname)s: %(message)s")
+    args = settle(parser.parse_args(_glue_sort(argv)), store_dir, output, quiet)
     try:
         return run(args)
     except Fail as exc:

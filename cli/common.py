@@ -41,6 +41,19 @@ def _arg(parse):
     return convert
 
 
+def settle(args, store_dir, output, quiet):
+    """Apply the global options given before a command where the command's own did not set
+    them, and set up logging for an admin command; return ``args``."""
+    import logging
+
+    args.store = os.path.expanduser(getattr(args, "store", None) or store_dir)
+    args.format = getattr(args, "format", None) or output
+    args.quiet = getattr(args, "quiet", False) or quiet
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
+                        format="kvstore: %(levelname)s: %(message)s")
+    return args
+
+
 def emit(obj):
     """Print ``obj`` as JSON on stdout."""
     print(json.dumps(obj, indent=2))

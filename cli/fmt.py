@@ -2,12 +2,14 @@
 
 Sizes for people are decimal (kB, MB, GB); JSON carries raw bytes and
 ISO 8601 times. Parsers raise ``ValueError`` with a message fit to show as
-is. This module imports nothing from kvstore.
+is. From kvstore it takes only the size formatter its log lines use too.
 """
 
 import re
 import sys
 from datetime import datetime, timezone
+
+from kvstore.reports import human_size as size  # noqa: F401  (one formatter for the CLI and the logs)
 
 UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -29,16 +31,6 @@ def parse_duration(text):
     if not m or m.group(2) not in SECONDS:
         raise ValueError(f"invalid duration {text!r} (examples: 30m, 12h, 7d)")
     return float(m.group(1)) * SECONDS[m.group(2)]
-
-
-def size(n):
-    """``n`` bytes for people, in decimal units: ``950 B``, ``1.2 kB``, ``35.0 MB``."""
-    if n < 1000:
-        return f"{n} B"
-    for unit in ("kB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 999.95 or unit == "TB":
-            return f"{n:.1f} {unit}"
 
 
 def ago(seconds):

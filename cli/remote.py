@@ -7,7 +7,6 @@ is named by ``--remote URL`` or ``$KVSTORE_REMOTE``; its secret by
 """
 
 import argparse
-import logging
 import os
 import sys
 
@@ -16,7 +15,7 @@ from kvstore.errors import CorruptSnapshot, InvalidInput
 from kvstore.reports import SnapshotInfo
 
 from . import fmt
-from .common import Fail, _arg, emit, open_store
+from .common import Fail, _arg, emit, open_store, settle
 from .listing import parse_filter, render, select
 from .main import Parser, global_options
 
@@ -177,12 +176,7 @@ def main(command, argv, store_dir, output="human", quiet=False):
                         metavar="FIELD OP VALUE", help="select snapshots as ls does (list, push, pull, prune)")
     parser.add_argument("--dry-run", action="store_true", help="prune: say what would go, delete nothing")
     parser.add_argument("-y", "--yes", action="store_true", help="prune: do not ask")
-    args = parser.parse_args(argv)
-    args.store = os.path.expanduser(getattr(args, "store", None) or store_dir)
-    args.format = getattr(args, "format", None) or output
-    args.quiet = getattr(args, "quiet", False) or quiet
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING,
-                        format="kvstore: %(levelname)s: %(message)s")
+    args = settle(parser.parse_args(argv), store_dir, output, quiet)
     try:
         tier = tier_from(args)
         if tier is None:

@@ -201,7 +201,22 @@ def encode(tensors, meta, blob_id=None):
     return Encoded(lay.blob_id, head, lay.pieces, lay.size, lay.header_sum(head))
 
 
-class BytesSource:
+class Source:
+    """Where a ``BlobReader`` reads from: a subclass gives ``readinto(mv, offset)``
+    (bytes copied into ``mv`` from ``offset``, fewer at the end) and ``close()``."""
+
+    def readv(self, bufs, offset):
+        """Fill ``bufs`` in order from ``offset``; the bytes copied (fewer at the end)."""
+        got = 0
+        for mv in bufs:
+            n = self.readinto(mv, offset + got)
+            got += n
+            if n < len(mv):
+                break
+        return got
+
+
+class BytesSource(Source):
     """A blob's bytes held in memory, as a ``BlobReader`` source."""
 
     def __init__(self, data):
@@ -213,14 +228,6 @@ class BytesSource:
         mv[:n] = self.data[offset : offset + n]
         return n
 
-    def readv(self, bufs, offset):
-        got = 0
-        for mv in bufs:
-            n = self.readinto(mv, offset + got)
-            got += n
-            if n < len(mv):
-                break
-        return got
 
     def close(self):
         self.data = memoryview(b"")

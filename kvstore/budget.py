@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .maintenance.policy import PrunePolicy
 from .records import TIER_RANK
+from .reports import human_size
 
 log = logging.getLogger("kvstore")
 
@@ -37,16 +38,6 @@ REPORT_EVERY = 60.0
 # per store: [removed by tier, bytes, when last said] not logged yet
 _unsaid = {}
 _lock = threading.Lock()
-
-
-def human_size(n):
-    """``n`` bytes in decimal units for a log line: ``950 B``, ``1.2 MB``."""
-    if n < 1000:
-        return f"{n} B"
-    for unit in ("kB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 999.95 or unit == "TB":
-            return f"{n:.1f} {unit}"
 
 
 def free_bytes(path):

@@ -22,7 +22,7 @@ import threading
 from collections import deque
 
 from .errors import CorruptSnapshot, KVStoreError
-from .records import decode_segment, encode_segment, snapshot_from, unpack
+from .records import decode_segment, snapshot_from, unpack
 from .reports import Problem
 
 log = logging.getLogger("kvstore")

@@ -75,3 +75,13 @@ class Problem:
     key: str | None
     blob: str | None
     reason: str
+
+
+def human_size(n):
+    """``n`` bytes for people, in decimal units: ``950 B``, ``1.2 kB``, ``35.0 MB``."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.95 or unit == "TB":
+            return f"{n:.1f} {unit}"

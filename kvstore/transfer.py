@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import blake3
 import xxhash
 
+from .blobs import Source
 from .errors import CorruptSnapshot, FormatVersionError
 from .records import is_id, pack, unpack
 
@@ -140,7 +141,7 @@ class ChunkMissing(CorruptSnapshot):
     """A chunk the bundle names is not on the remote (evicted or expired)."""
 
 
-class ChunkSource:
+class ChunkSource(Source):
     """A blob's bytes as fetched chunks, read in place (a ``BlobReader`` source)."""
 
     def __init__(self, chunks, chunk_bytes):
@@ -155,15 +156,6 @@ class ChunkSource:
             part = self.chunks[i][at : at + n - got]
             mv[got : got + len(part)] = part
             got += len(part)
-        return got
-
-    def readv(self, bufs, offset):
-        got = 0
-        for mv in bufs:
-            n = self.readinto(mv, offset + got)
-            got += n
-            if n < len(mv):
-                break
         return got
 
     def close(self):
@@ -182,7 +174,7 @@ def _value(algo, h):
     return h.digest() if algo == "blake3" else h.intdigest()
 
 
-class StreamSource:
+class StreamSource(Source):
     """A blob's chunks read straight off the wire into the reader's buffers (a ``BlobReader`` source).
 
     ``stream`` yields the chunks' values in order (``begin() -> length or None``,
@@ -239,15 +231,6 @@ class StreamSource:
         if n:
             self._take(memoryview(mv).cast("B")[:n])
         return n
-
-    def readv(self, bufs, offset):
-        got = 0
-        for mv in bufs:
-            n = self.readinto(mv, offset + got)
-            got += n
-            if n < len(mv):
-                break
-        return got
 
     def close(self):
         """Read (and check) the rest of the blob, so the next blob's chunks come next."""
