@@ -73,8 +73,8 @@ def table(head, rows):
 
 def load(results):
     data = {}
-    for name in ("run_all", "restore", "hotpath", "multiturn", "agent", "scale", "server", "peers", "fingerprint",
-                 "compare"):
+    for name in ("run_all", "restore", "hotpath", "multiturn", "agent", "scale", "server", "peers", "serve_parts",
+                 "fingerprint", "compare", "remote"):
         p = Path(results) / f"{name}.json"
         if p.exists():
             data[name] = json.loads(p.read_text())
@@ -309,7 +309,7 @@ def machine_section(data):
             wall = r.get("wall_s") or (ra or {}).get("scripts", {}).get(name, {}).get("wall_s")
             alone = bool(ra) and epoch(r) > epoch(ra) + ra.get("wall_s", 0)
             rows.append([name, f"`{cmd(r)}`" + (" (run again on its own after run_all)" if alone else ""),
-                         r["started"][11:19], f"{r['load_before'][0]:.2f}", f"{r['load_after'][0]:.2f}",
+                         r["started"][:16], f"{r['load_before'][0]:.2f}", f"{r['load_after'][0]:.2f}",
                          f"{wall / 60:.1f} min" if wall else "–"])
     lines.append(table(["script", "command", "started", "load before", "load after", "wall"], rows))
     return "\n".join(lines)
@@ -855,8 +855,13 @@ def goals_part(data, before_dir):
     before = load(before_dir) if before_dir else None
 
     def label(d):
-        any_run = next((v for k, v in (d or {}).items() if k != "run_all"), None)
-        return f"`{any_run['machine']['commit']}`" if any_run else "–"
+        commits = {}
+        for k, v in (d or {}).items():
+            if k != "run_all" and "machine" in v:
+                commits.setdefault(v["machine"]["commit"], []).append(k)
+        if len(commits) <= 1:
+            return " ".join(f"`{c}`" for c in commits) or "–"
+        return "; ".join(f"{', '.join(sorted(ks))} `{c}`" for c, ks in commits.items())
 
     out = ["## Goals", "",
            "Each figure is a ratio measured side by side in one run (medians); the two columns are two runs of "
@@ -886,7 +891,8 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS, before=None)
            goals_part(data, before), machine_section(data), "", summary_section(data), gaps_section(data)]
     for name, fn in (("restore", restore_section), ("hotpath", hotpath_section), ("multiturn", multiturn_section),
                      ("agent", agent_section), ("scale", scale_section), ("server", server_section),
-                     ("peers", peers_section), ("fingerprint", fingerprint_section),
+                     ("peers", peers_section), ("serve_parts", serve_parts_section),
+                     ("fingerprint", fingerprint_section),
                      ("compare", compare_section), ("remote", _remote_section)):
         if name in data:
             doc.append(fn(data[name]))
@@ -905,6 +911,13 @@ def build(results=C.RESULTS, md=HERE / "RESULTS.md", plots=C.PLOTS, before=None)
             ""]
     Path(md).write_text("\n".join(doc))
     return md
+
+
+def serve_parts_section(d):
+    """Where a cache hit's time goes in kvstore serve (``bench_serve_parts.py``)."""
+    import bench_serve_parts
+
+    return bench_serve_parts.section(d)
 
 
 def _remote_section(d):
