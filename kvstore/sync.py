@@ -8,13 +8,11 @@ listing, copy and deletion for the command line. None of this runs on a
 request's thread.
 """
 
-import time
 from dataclasses import dataclass
 
 from .errors import CorruptSnapshot
-from .records import (decode_model, decode_segment, decode_snapshot, encode_segment, segment_from,
-                      unpack)
-from .transactions import index_snapshot, merge_model
+from .records import decode_model, decode_segment, decode_snapshot, segment_from, unpack
+from .transactions import adopt_snapshot
 from .transfer import BlobSpec, Bundle, check_chunks, decode_bundle, encode_bundle, split
 
 
@@ -95,28 +93,13 @@ def adopt(store, bundle, chunks, place=None):
 
 
 def _index(w, bundle, snap, model):
-    if w.snapshot(bundle.key) is not None:
-        return None
-    merge_model(w, snap.fingerprint, model)
-    new_bytes = 0
+    segments = {}
     for e in dict.fromkeys(x.segment for x in snap.extents):
-        cur = w.segment(e)
-        if cur is None:
-            seg = segment_from(unpack(bundle.segments[e], "segment record"), refs=1)
-            if seg.fingerprint != snap.fingerprint:
-                raise CorruptSnapshot(f"segment {e.hex()} belongs to another model")
-            seg.created = time.time()
-            w.put_segment(e, encode_segment(seg))
-            new_bytes += seg.size
-        else:
-            known = decode_segment(cur)
-            known.refs += 1
-            w.put_segment(e, encode_segment(known))
-    if snap.state:
-        new_bytes += snap.state.size
-    index_snapshot(w, bundle.key, snap, raw=bundle.snapshot)
-    w.add_counter("bytes", new_bytes)
-    return new_bytes
+        seg = segment_from(unpack(bundle.segments[e], "segment record"), refs=1)
+        if seg.fingerprint != snap.fingerprint:
+            raise CorruptSnapshot(f"segment {e.hex()} belongs to another model")
+        segments[e] = seg
+    return adopt_snapshot(w, bundle.key, snap, model, segments, raw=bundle.snapshot)
 
 
 # ------------------------------------------------------------------ admin

@@ -58,6 +58,34 @@ def index_snapshot(w, key, snap, raw=None):
     w.add_counter("snapshots", 1)
 
 
+def adopt_snapshot(w, key, snap, model, segments, raw=None):
+    """Index a snapshot copied from elsewhere (an archive, another host) whose
+    blobs are already in place. ``segments`` maps each segment id it reads to
+    its ``Segment`` record, written where the index has none (else the
+    index's record gains a reference). Returns the bytes new to the store, or
+    ``None`` if ``key`` is already indexed.
+    """
+    if w.snapshot(key) is not None:
+        return None
+    merge_model(w, snap.fingerprint, model)
+    new_bytes = 0
+    for sid, seg in segments.items():
+        cur = w.segment(sid)
+        if cur is None:
+            seg.created = time.time()
+            w.put_segment(sid, encode_segment(seg))
+            new_bytes += seg.size
+        else:
+            known = decode_segment(cur)
+            known.refs += 1
+            w.put_segment(sid, encode_segment(known))
+    if snap.state:
+        new_bytes += snap.state.size
+    index_snapshot(w, key, snap, raw=raw)
+    w.add_counter("bytes", new_bytes)
+    return new_bytes
+
+
 def add_snapshot(w, key, snap, new_segment, model):
     """Commit a snapshot whose blobs are written.
 

@@ -26,9 +26,9 @@ import msgpack
 from ..backends.files import CLOEXEC, NOFOLLOW
 from ..blobs import FORMAT_VERSION, SUFFIX, is_blob_id, new_id
 from ..errors import CorruptSnapshot, InvalidInput, StoreUnavailable
-from ..records import decode_segment, encode_segment, is_id, model_from, pack, segment_from, snapshot_from, unpack
+from ..records import decode_segment, is_id, model_from, pack, segment_from, snapshot_from, unpack
 from ..reports import Problem
-from ..transactions import index_snapshot, merge_model
+from ..transactions import adopt_snapshot
 
 MANIFEST = "manifest.msgpack"
 # one manifest object (a snapshot record, a segment or model entry) at most
@@ -396,31 +396,8 @@ def _import_record(store, kb, raw, segments, models, arrived):
     need = _needed_blobs(snap, segments)
     _place(store, need, arrived)
 
-    def tx(w):
-        if w.snapshot(kb) is not None:
-            return None
-        merge_model(w, snap.fingerprint, model_from(model))
-        new_bytes = 0
-        for blob_id, (size, _hs, seg) in need.items():
-            if seg is None:
-                continue
-            sid = bytes.fromhex(blob_id)
-            cur = w.segment(sid)
-            if cur is None:
-                seg.created = time.time()
-                w.put_segment(sid, encode_segment(seg))
-                new_bytes += size
-            else:
-                known = decode_segment(cur)
-                known.refs += 1
-                w.put_segment(sid, encode_segment(known))
-        if snap.state:
-            new_bytes += snap.state.size
-        index_snapshot(w, kb, snap, raw=raw)
-        w.add_counter("bytes", new_bytes)
-        return new_bytes
-
-    return store.index.write(tx)
+    segs = {bytes.fromhex(blob_id): seg for blob_id, (_size, _hs, seg) in need.items() if seg is not None}
+    return store.index.write(lambda w: adopt_snapshot(w, kb, snap, model_from(model), segs, raw=raw))
 
 
 # ------------------------------------------------------------------ export
