@@ -10,7 +10,13 @@ it to add, on that same thread:
   lines are removed from system messages before the chat template runs;
 - a resume point after each chat reply, for caches that cannot be trimmed:
   a checkpoint at the last token of the reply as the chat template will
-  render it in the next request (``kvstore.resume``).
+  render it in the next request (``kvstore.resume``);
+- one prefill pass where mlx_lm.server makes two, for caches that can be
+  trimmed: its user segment and the short generation-prompt tail after it
+  (``<think>`` and the like) become one segment, so the checkpoint of the
+  user turn is the one mlx_lm.server already places one token short of the
+  prompt (tier ``user``). A trimmed copy of it serves every shorter prefix, so
+  nothing is lost, and the request saves a forward pass and a checkpoint.
 
 It owns nothing of the HTTP layer. It never changes a response: the resume
 point is made after the reply has been handed to the client, and any fault in
@@ -25,7 +31,7 @@ import re
 
 import mlx_lm.server as server
 
-from .resume import checkpoint_reply, reply_end, reply_message, trimmable
+from .resume import checkpoint_reply, needs_resume_points, reply_end, reply_message, trimmable
 from .session import VOLATILE_PATTERNS, _flatten, normalize_messages
 
 log = logging.getLogger("kvstore")
@@ -112,13 +118,26 @@ class ResumeGenerator(server.ResponseGenerator):
         if request.request_type == "chat" and self.normalize and request.messages:
             request = dataclasses.replace(request, messages=normalize_messages(request.messages, self.normalize))
         got = super()._tokenize(tokenizer, request, args)
-        prompt, _, _, state, vision = got
+        prompt, segments, types, state, vision = got
+        if types[-2:] == ["user", "assistant"] and self._trimmable_at(len(prompt)):
+            got = (prompt, segments[:-2] + [segments[-2] + segments[-1]], types[:-1], state, vision)
         if self.resume and request.request_type == "chat" and vision is None and tokenizer.has_chat_template:
             template_args = dict(self.cli_args.chat_template_args or {})
             template_args.update(args.chat_template_kwargs or {})
             self._pending.append(_Pending(list(prompt), request.messages, request.tools, template_args, state))
             del self._pending[:-PENDING]
         return got
+
+    def _trimmable_at(self, n):
+        """True if the current model's cache can still be trimmed once it holds ``n`` tokens."""
+        model = self.model_provider.model
+        if model is None:
+            return False
+        if getattr(self, "_layers_of", None) is not model:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            self._layers, self._layers_of = make_prompt_cache(model), model
+        return not needs_resume_points(self._layers, n)
 
     def _take(self, tokens):
         for i in range(len(self._pending) - 1, -1, -1):

@@ -152,3 +152,26 @@ def test_demo_runs_end_to_end(tmp_path):
     first, _, after_restart, no_disk = report["requests"]
     assert report["ok"] and first["cached_tokens"] >= report["system_tokens"] > 0
     assert after_restart["cached_tokens"] >= report["system_tokens"] and no_disk["cached_tokens"] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_user_turn_is_one_prefill_pass_where_the_cache_can_be_trimmed(tmp_path, tiny_model, family):
+    """mlx_lm.server cuts a user turn from its short generation-prompt tail (``<think>``)
+    and prefills them in two passes. Where the cache can be trimmed, kvstore serve makes
+    them one: the user turn's checkpoint is the one one token short of the prompt, and a
+    trimmed copy of it serves the shorter prefixes. A hybrid model keeps the cut: its
+    checkpoints serve only their exact length."""
+    store, model = tmp_path / "store", tiny_model(family)
+    with Server(store, model) as s:
+        first = s.chat("Do you sell hammers?")
+        again = s.chat("Do you sell hammers?")
+        log = s.stop()
+    assert "Traceback" not in log
+    prompt = first["usage"]["prompt_tokens"]
+    users = sorted(e.tokens for e in kvstore.SnapshotStore(store).entries() if e.tier == "user")
+    assert users, "no user checkpoint written"
+    if family == "llama":
+        assert users == [prompt - 1]
+        assert cached(again) == prompt - 1
+    else:
+        assert max(users) < prompt - 1  # the cut before the generation-prompt tail stays
