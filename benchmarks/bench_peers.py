@@ -418,12 +418,15 @@ def main(argv=None):
     p.add_argument("--peer-venv", help="virtual environment holding vllm-mlx (default: $KVSTORE_PEER_VENV)")
     p.add_argument("--md", help="RESULTS.md to write the section into (default: benchmarks/RESULTS.md when "
                                 "--out is the default results folder)")
+    p.add_argument("--rounds", type=int, help="rounds of both servers (default: 3 with --full, 1 with --quick)")
     args = p.parse_args(argv)
     peer, why = peer_venv(args.peer_venv)
     if peer is None:
         log(f"peers: skipped: {why}")
         return 0
-    cfg = MODES[args.mode]
+    cfg = dict(MODES[args.mode])
+    if args.rounds:
+        cfg["rounds"] = args.rounds
     from transformers import AutoTokenizer
 
     from kvstore import tiny
