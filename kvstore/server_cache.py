@@ -50,7 +50,22 @@ def tenant_model(description, tenant):
 _TAGGED = {}
 
 
-class RequestCache:
+class _Quiet:
+    """``fetch_nearest_cache`` / ``insert_cache`` of a ``TieredPromptCache`` for one tenant,
+    not counted as requests (``RequestCache`` adds the per-request log line and metrics)."""
+
+    def __init__(self, cache, tenant):
+        self.cache, self.tenant = cache, tenant
+
+    def fetch_nearest_cache(self, model, tokens):
+        got = self.cache.fetch(model, tokens, tenant=self.tenant)
+        return got.cache, got.rest
+
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
+        self.cache.insert_cache(model, tokens, prompt_cache, cache_type=cache_type, tenant=self.tenant)
+
+
+class RequestCache(_Quiet):
     """mlx_lm.server's prompt cache: a ``TieredPromptCache`` with a tenant per request.
 
     ``metrics`` is a ``kvstore.metrics.ServerMetrics`` or ``None``. The
@@ -60,9 +75,8 @@ class RequestCache:
     """
 
     def __init__(self, cache, metrics=None):
-        self.cache = cache
+        super().__init__(cache, None)
         self.metrics = metrics
-        self.tenant = None
 
     def serve(self, args):
         """The generation thread takes the request whose arguments are ``args``."""
@@ -105,9 +119,6 @@ class RequestCache:
             log.debug("kvstore: request metrics failed: %s", exc)
         return got.cache, got.rest
 
-    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
-        self.cache.insert_cache(model, tokens, prompt_cache, cache_type=cache_type, tenant=self.tenant)
-
     def __len__(self):
         return len(self.cache)
 
@@ -115,16 +126,3 @@ class RequestCache:
         # nbytes, stats_by_type, trim_to, counters, flush, close, ...
         return getattr(self.cache, name)
 
-
-class _Quiet:
-    """``fetch_nearest_cache`` / ``insert_cache`` for one tenant, not counted as requests."""
-
-    def __init__(self, cache, tenant):
-        self.cache, self.tenant = cache, tenant
-
-    def fetch_nearest_cache(self, model, tokens):
-        got = self.cache.fetch(model, tokens, tenant=self.tenant)
-        return got.cache, got.rest
-
-    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
-        self.cache.insert_cache(model, tokens, prompt_cache, cache_type=cache_type, tenant=self.tenant)
