@@ -176,6 +176,8 @@ class _CacheCollector:
                       c.get("writes.dropped", 0))
         yield counter("kvstore_writes_failed", "Snapshot writes the store refused", c.get("writes.failed", 0))
         yield counter("kvstore_writes", "Snapshots written to the store", c.get("writes.done", 0))
+        yield counter("kvstore_writes_deferred", "Checkpoints taken during a prefill, queued after the first token",
+                      c.get("writes.deferred", 0))
         yield counter("kvstore_faults", "Store faults absorbed (failed opens, reads, writes, corrupt blobs)",
                       c.get("disk.faults", 0) + c.get("store.faults", 0))
         yield GaugeMetricFamily("kvstore_memory_bytes", "Bytes held by the memory tier", value=c.get("memory.bytes", 0))

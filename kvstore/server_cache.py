@@ -54,6 +54,8 @@ class _Quiet:
     """``fetch_nearest_cache`` / ``insert_cache`` of a ``TieredPromptCache`` for one tenant,
     not counted as requests (``RequestCache`` adds the per-request log line and metrics)."""
 
+    defer = False  # defer the evaluation of checkpoints taken during a prefill (not of finished replies)
+
     def __init__(self, cache, tenant):
         self.cache, self.tenant = cache, tenant
 
@@ -62,7 +64,8 @@ class _Quiet:
         return got.cache, got.rest
 
     def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant"):
-        self.cache.insert_cache(model, tokens, prompt_cache, cache_type=cache_type, tenant=self.tenant)
+        self.cache.insert_cache(model, tokens, prompt_cache, cache_type=cache_type, tenant=self.tenant,
+                                defer=self.defer and cache_type != "assistant")
 
 
 class RequestCache(_Quiet):
@@ -72,7 +75,12 @@ class RequestCache(_Quiet):
     generation thread calls ``serve(args)`` before it tokenizes a request
     (``bind`` installs that on a ``ResponseGenerator``); every fetch and
     insert after it, until the next ``serve``, is for that request's tenant.
+    The checkpoints mlx_lm.server inserts during a prefill are deferred: the
+    generation thread queues them right after the request's first token
+    (``kvstore.server_generation``) or at the next reply's insert.
     """
+
+    defer = True
 
     def __init__(self, cache, metrics=None):
         super().__init__(cache, None)

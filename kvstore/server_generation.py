@@ -18,6 +18,11 @@ it to add, on that same thread:
   prompt (tier ``user``). A trimmed copy of it serves every shorter prefix, so
   nothing is lost, and the request saves a forward pass and a checkpoint.
 
+- the checkpoints of a prefill written after the first token: the request
+  cache defers their evaluation (``kvstore.pending``), and the generation
+  thread queues them right after it hands the request's first token to the
+  HTTP thread (or when the request ends without one).
+
 It owns nothing of the HTTP layer. It never changes a response: the resume
 point is made after the reply has been handed to the client, and any fault in
 making it is logged and skipped. ``check()`` verifies, at server start, that
@@ -46,7 +51,7 @@ def check():
     if base is None:
         missing.append("mlx_lm.server.ResponseGenerator")
     else:
-        for name in ("_tokenize", "_generate", "_serve_single", "cli_args"):
+        for name in ("_tokenize", "_next_request", "_generate", "_serve_single", "cli_args"):
             if not hasattr(base, name):
                 missing.append(f"ResponseGenerator.{name}")
         if list(inspect.signature(base.__init__).parameters)[1:3] != ["model_provider", "prompt_cache"]:
@@ -55,7 +60,7 @@ def check():
         if tokenize is not None and list(inspect.signature(tokenize).parameters) != ["self", "tokenizer", "request",
                                                                                      "args"]:
             missing.append("ResponseGenerator._tokenize(tokenizer, request, args)")
-    for name in ("ToolCallFormatter", "CompletionRequest", "run"):
+    for name in ("ToolCallFormatter", "CompletionRequest", "GenerationContext", "Response", "run"):
         if not hasattr(server, name):
             missing.append(f"mlx_lm.server.{name}")
     request = getattr(server, "CompletionRequest", None)
@@ -98,6 +103,32 @@ class _ResumeCache:
             self._owner._reply_done(model, tokens, prompt_cache)
 
 
+class _FirstToken:
+    """A request's response queue, seen from the generation thread: after the first
+    token (or the end) is put on it, the request's deferred checkpoints are queued."""
+
+    __slots__ = ("_queue", "_cache", "_prompt")
+
+    def __init__(self, queue, cache):
+        self._queue, self._cache, self._prompt = queue, cache, None
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+    def put(self, item, *args, **kwargs):
+        self._queue.put(item, *args, **kwargs)
+        if self._cache is None:
+            return
+        if isinstance(item, server.GenerationContext):
+            self._prompt = item.prompt
+        elif item is None or isinstance(item, (server.Response, Exception)):
+            cache, self._cache = self._cache, None
+            try:
+                cache.write_deferred(self._prompt)
+            except Exception as exc:  # fail open: only the checkpoints are lost
+                log.warning("kvstore: deferred checkpoints not queued: %s: %s", type(exc).__name__, exc)
+
+
 class ResumeGenerator(server.ResponseGenerator):
     """``ResponseGenerator`` that normalises chat messages and places resume points.
 
@@ -113,6 +144,23 @@ class ResumeGenerator(server.ResponseGenerator):
         self._pending = []
         self.resume_points = 0
         super().__init__(model_provider, _ResumeCache(prompt_cache, self))
+
+    def _generate(self):
+        cache = self.prompt_cache  # mlx_lm.server drops it as the thread ends
+        try:
+            super()._generate()
+        finally:  # on this thread: MLX evaluates a graph only where it was made
+            write_deferred = getattr(cache, "write_deferred", None)
+            if write_deferred is not None:
+                write_deferred()
+
+    def _next_request(self, timeout=None):
+        got = super()._next_request(timeout)
+        write_deferred = getattr(self.prompt_cache, "write_deferred", None)
+        if got is None or write_deferred is None:
+            return got
+        rqueue, request, args = got
+        return _FirstToken(rqueue, self.prompt_cache), request, args
 
     def _tokenize(self, tokenizer, request, args):
         if request.request_type == "chat" and self.normalize and request.messages:

@@ -10,9 +10,9 @@ It must never: let a store fault reach the caller (faults are logged,
 counted and become misses or dropped writes), hand out a cache that another
 caller or the memory tier shares mutable state with, return an empty
 remainder, or do disk I/O or serialisation on the caller's thread when
-inserting. Arrays are evaluated (and bf16 views made contiguous) on the
-caller's thread before they are queued, so the writer thread runs no MLX
-graph work.
+inserting. Arrays are evaluated on the caller's thread before they are
+queued (MLX evaluates a graph only on the thread that made it); an insert
+may defer that until the caller says (``kvstore.pending``).
 
 Prompt normalisation (volatile header lines in system prompts) is not done
 here: the cache sees tokens, and a line can only be removed exactly from the
@@ -35,10 +35,11 @@ from . import notices
 from .fingerprint import LAYOUT_OPTIONS, fingerprint
 from .keys import tenant_salt
 from .memory import MemoryTier
+from .pending import Pending, at_exit
 from .preload import preload_plan
 from .promotion import Promoter, Ticket, cache_nbytes
 from .records import TIERS
-from .writer import POLICIES, Write, WriteBehind, shutdown
+from .writer import POLICIES, Write, WriteBehind
 
 log = logging.getLogger("kvstore")
 
@@ -64,20 +65,8 @@ def _as_list(tokens):
     return tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
 
 
-def _arrays(obj, out):
-    if isinstance(obj, mx.array):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for x in obj:
-            _arrays(x, out)
-    elif hasattr(obj, "__dict__"):
-        for x in vars(obj).values():
-            _arrays(x, out)
-    return out
-
-
-def _detach(obj):
-    """A copy of a cache's structure that shares its arrays.
+def _detach(obj, found):
+    """A copy of a cache's structure that shares its arrays; the copies' arrays appended to ``found``.
 
     New cache objects and containers, so nothing the caller does to its own
     objects (an offset moved, a state list slot replaced) reaches the copy;
@@ -86,44 +75,21 @@ def _detach(obj):
     buffer that two handles share before writing into it.
     """
     if isinstance(obj, mx.array):
-        return copy.copy(obj)
+        a = copy.copy(obj)
+        found.append(a)
+        return a
     if obj is None or isinstance(obj, (int, float, str, bool)):
         return obj
     if isinstance(obj, list):
-        return [_detach(x) for x in obj]
+        return [_detach(x, found) for x in obj]
     if isinstance(obj, tuple):
-        return tuple(_detach(x) for x in obj)
+        return tuple(_detach(x, found) for x in obj)
     d = getattr(obj, "__dict__", None)
     if d is None:
         return copy.deepcopy(obj)
     new = object.__new__(type(obj))
-    new.__dict__.update({k: _detach(v) for k, v in d.items()})
+    new.__dict__.update({k: _detach(v, found) for k, v in d.items()})
     return new
-
-
-def _ready(cache):
-    """Evaluate a cache's arrays; bf16 strided views made contiguous (the writer reads plain buffers)."""
-    arrays = _arrays(cache, [])
-    mx.eval(arrays)
-    if any(a.dtype == mx.bfloat16 and not memoryview(a).c_contiguous for a in arrays):
-        cache = _settle(cache)
-    return cache
-
-
-def _settle(obj):
-    """Evaluated-array stand-in for ``obj``: bf16 strided views made contiguous."""
-    if isinstance(obj, mx.array):
-        if obj.dtype == mx.bfloat16 and not memoryview(obj).c_contiguous:
-            obj = mx.contiguous(obj)
-            mx.eval(obj)
-        return obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_settle(x) for x in obj)
-    if hasattr(obj, "__dict__"):
-        for name, x in list(vars(obj).items()):
-            if isinstance(x, (mx.array, list, tuple)) or hasattr(x, "__dict__"):
-                setattr(obj, name, _settle(x))
-    return obj
 
 
 def _local_dir(path):
@@ -228,13 +194,14 @@ class TieredPromptCache:
                 raise ValueError("a remote tier needs a local store (memory -> local store -> remote)")
             if self.store is not None:  # a store that failed to open leaves memory only
                 attach(self.store, remote, **(remote_options or {}))
-        self._writer = None
+        self._writer = self._pending = None
         self._promoter = Promoter(self.store, self._count) if self.store is not None else None
         self._store_counters = self.store.counters if self.store is not None else None
         if self.store is not None and not getattr(self.store, "readonly", False):
             self._writer = WriteBehind(self.store, queue_size, queue_policy, queue_timeout, self._count)
+            self._pending = Pending(self._writer.submit, self._count)
             # the queue is written at interpreter exit or when the cache is collected
-            self._finalize = weakref.finalize(self, shutdown, self._writer,
+            self._finalize = weakref.finalize(self, at_exit, self._pending, self._writer,
                                               self.store if self._owns_store else None, exit_timeout)
 
     # -------------------------------------------------------------- counting
@@ -251,8 +218,8 @@ class TieredPromptCache:
         ``misses.memory`` (memory had nothing usable), ``misses.disk`` (the
         disk was consulted and had nothing longer), ``tokens.requested``,
         ``tokens.reused`` (``.memory`` / ``.disk``), ``bytes.read``,
-        ``bytes.written``, ``writes.queued`` / ``done`` / ``dropped`` /
-        ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
+        ``bytes.written``, ``writes.deferred`` (inserts with ``defer=True``),
+        ``writes.queued`` / ``done`` / ``dropped`` / ``failed``, ``queue.waits``, ``queue.depth``, ``queue.in_flight``,
         ``disk.faults``, ``faults`` (every fault once, the store's failed
         loads included), ``disk.skipped`` (memory served every full key block:
         no lookup), ``preload.done`` / ``preload.skipped`` / ``preload.dropped``
@@ -454,14 +421,19 @@ class TieredPromptCache:
         self._promoted()
         return idle
 
-    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant", tenant=None):
+    def insert_cache(self, model, tokens, prompt_cache, *, cache_type="assistant", tenant=None, defer=False):
         """Keep ``prompt_cache`` (prefilled with exactly ``tokens``) in memory and,
         for persisted tiers, queue it for the disk.
 
         The cache's structure is copied (MLX arrays are values: a buffer is
         copied the first time either side writes to it), so the caller may go
-        on using its cache. The caller's thread evaluates the
-        arrays and queues them; encoding and I/O happen on the writer thread.
+        on using its cache. The caller's thread evaluates the arrays and
+        queues them; encoding and I/O happen on the writer thread. With
+        ``defer=True`` the evaluation waits until this thread calls
+        ``write_deferred``, an insert without ``defer``, ``flush`` or
+        ``close``: a checkpoint taken in the middle of a prefill then costs
+        the request nothing before its first token. An insert without
+        ``defer`` first queues what this thread deferred.
         """
         if cache_type not in TIERS:
             raise ValueError(f"cache_type must be one of {TIERS}, got {cache_type!r}")
@@ -471,15 +443,33 @@ class TieredPromptCache:
         persist = self._writer is not None and fp is not None and cache_type in self.persist and tokens
         if self._writer is not None and fp is not None and cache_type not in self.persist:
             notices.memory_only(cache_type, self.persist)
-        cache = _detach(prompt_cache)
-        if persist:
-            cache = _ready(cache)
+        if self._pending is not None and not defer:
+            self._pending.release()
+        found = []
+        cache = _detach(prompt_cache, found)
+        if persist and not defer:
+            mx.eval(found)
         self._count("inserts")
         self._count(f"inserts.{cache_type}")
         self._memory_insert(key, tokens, cache, cache_type)
         if persist:
-            self._writer.submit(Write(fp, tokens, cache, cache_type, tenant=tenant))
+            write = Write(fp, tokens, cache, cache_type, tenant=tenant)
+            if defer:
+                self._pending.hold(write)
+            else:
+                self._writer.submit(write)
         self._maybe_log()
+
+    def write_deferred(self, prefix=None):
+        """Evaluate and queue the checkpoints this thread inserted with ``defer=True``.
+
+        ``prefix`` (tokens): only the checkpoints of that prompt (those whose
+        tokens begin it), not those of other requests still before their
+        first token. Returns how many were queued.
+        """
+        if self._pending is None:
+            return 0
+        return self._pending.release(None if prefix is None else _as_list(prefix))
 
     def _memory_insert(self, key, tokens, cache, cache_type):
         self._count("memory.evicted", self._memory.insert(key, tokens, cache, cache_type))
@@ -491,11 +481,17 @@ class TieredPromptCache:
 
     # -------------------------------------------------------------- life cycle
     def flush(self, timeout=None):
-        """Wait until every queued snapshot is written; ``False`` on timeout."""
+        """Wait until every queued snapshot is written; ``False`` on timeout.
+
+        Checkpoints this thread deferred are queued first; those another
+        thread deferred stay with it.
+        """
+        if self._pending is not None:
+            self._pending.release()
         return self._writer.flush(timeout) if self._writer else True
 
     def close(self, timeout=None):
-        """Write what is queued, stop the writer and close an owned store.
+        """Write what is queued (deferred checkpoints first), stop the writer and close an owned store.
 
         The memory tier stays usable (memory only). Returns ``False`` if
         ``timeout`` passed first; snapshots still queued then are dropped
@@ -510,8 +506,9 @@ class TieredPromptCache:
                 store.close()
             return True
         writer, self._writer = self._writer, None
+        pending, self._pending = self._pending, None
         self._finalize.detach()
-        return shutdown(writer, store if self._owns_store else None, timeout)
+        return at_exit(pending, writer, store if self._owns_store else None, timeout)
 
     def __enter__(self):
         return self

@@ -74,6 +74,8 @@ def test_metrics_over_http(tmp_path, tiny_model):
     assert value(m, "kvstore_prefill_saved_seconds_total") == pytest.approx(cached(hit) * per_token, rel=0.5)
     assert value(m, "kvstore_write_seconds_count", outcome="ok") >= 2
     assert value(m, "kvstore_writes_total") >= 2
+    # the checkpoints of each prefill were queued after its first token, and all of them written
+    assert value(m, "kvstore_writes_deferred_total") >= 2
     assert value(m, "kvstore_writes_dropped_total") == 0
     assert value(m, "kvstore_faults_total") == 0
     assert value(m, "kvstore_write_queue_depth") >= 0
