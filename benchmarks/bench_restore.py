@@ -63,6 +63,7 @@ LABELS = {
     "raw_write": "raw write + fsync of the snapshot's bytes",
     "raw_read_warm": "raw sequential read, page cache warm",
     "raw_read_fresh": "raw sequential read, page cache warm, into newly allocated memory",
+    "raw_read_mlx": "raw sequential read, page cache warm, into a new MLX buffer (MLX's buffer cache emptied)",
     "raw_read_cold": "raw sequential read, pages dropped",
     "memcpy": "memory copy of the snapshot's bytes",
 }
@@ -74,9 +75,11 @@ class Stages:
 
     ``keys``: token validation and block hashing; ``plan``: the index lookup
     (``_plans``); ``mem_plan``: the memory-tier search; ``open``: opening and
-    checking blob headers; ``read``: preadv into buffers; ``read_rows``:
+    checking blob headers; ``read``: preadv into buffers (``_readinto`` and
+    the grouped ``_readv``); ``read_rows``:
     read plus chunk checksums (verify = read_rows - read); ``to_mx``:
-    numpy -> MLX copies; ``decode``: rebuilding cache objects.
+    numpy -> MLX copies; ``decode``: rebuilding cache objects; ``alloc``:
+    the MLX buffers the bytes are read into.
     """
 
     def __init__(self):
@@ -117,7 +120,9 @@ class Stages:
         self._wrap(getattr(M, "MemoryTier", None), "plan", "mem_plan")
         self._wrap(B.BlobReader, "_parse", "open")
         self._wrap(B.BlobReader, "_readinto", "read")
+        self._wrap(B.BlobReader, "_readv", "readv")  # grouped reads: the same stage
         self._wrap(B.BlobReader, "read_rows", "read_rows")
+        self._wrap(importlib.import_module("kvstore.loader"), "alloc", "alloc")
         self._wrap(codec, "to_mx", "to_mx")
         self._wrap(codec, "decode", "decode")
         return self
@@ -131,9 +136,10 @@ class Stages:
         out = {
             "lookup": t["keys"] + t["plan"] + t["mem_plan"],
             "open": t["open"],
-            "read": t["read"],
-            "verify": max(0.0, t["read_rows"] - t["read"]),
+            "read": t["read"] + t["readv"],
+            "verify": max(0.0, t["read_rows"] - t["read"] - t["readv"]),
             "rebuild": t["to_mx"] + t["decode"],
+            "alloc": t["alloc"],
         }
         out["other"] = max(0.0, total - sum(out.values()))
         return out
@@ -485,6 +491,15 @@ def bench_model(name, cfg, scratch, result):
             C.read_probe(raw, rbuf)
             return {"seconds": C.read_probe(raw)}
 
+        def raw_read_mlx():
+            # the buffers a restore of this cache needs (its arrays' shapes, decode headroom), new
+            from kvstore.codec import headroom
+
+            C.read_probe(raw, rbuf)
+            C.fresh_memory()
+            return C.read_into_mlx_probe(raw, [(a.shape[:2] + (headroom(n),) + a.shape[3:], a.dtype)
+                                               for c in cache for a in (c.keys, c.values)])
+
         def raw_read_cold():
             C.drop_pages(raw)
             return {"seconds": C.read_probe(raw, rbuf)}
@@ -503,7 +518,7 @@ def bench_model(name, cfg, scratch, result):
             "mlx_fresh_warm": (lambda: fresh("mlx", False), slow),
             "mlx_fresh_cold": (lambda: fresh("mlx", True), slow),
             "raw_write": (raw_write, reps), "raw_read_warm": (raw_read_warm, reps),
-            "raw_read_fresh": (raw_read_fresh, reps),
+            "raw_read_fresh": (raw_read_fresh, reps), "raw_read_mlx": (raw_read_mlx, reps),
             "raw_read_cold": (raw_read_cold, reps), "memcpy": (memcpy, reps),
         }
         if n in cfg["cold_sizes"].get(name, []):

@@ -405,8 +405,10 @@ def write_probe(path, nbytes, fsync=True):
 
 def read_probe(path, buf=None):
     """Seconds to read ``path`` sequentially with preadv into ``buf`` (pre-touched
-    memory), or, without ``buf``, into a buffer allocated inside the timing (its
-    first-touch page faults included, as a restore into new memory pays them)."""
+    memory), or, without ``buf``, into a numpy buffer allocated inside the timing (its
+    first-touch page faults included, as a restore into new memory pays them; numpy
+    asks for transparent huge pages for large buffers, and below glibc's mmap threshold
+    a freed buffer of the same size is reused, so this is the fastest new memory there is)."""
     size = os.path.getsize(path)
     t = now()
     if buf is None:
@@ -423,6 +425,36 @@ def read_probe(path, buf=None):
     finally:
         os.close(fd)
     return now() - t
+
+
+def read_into_mlx_probe(path, specs):
+    """A raw sequential read of ``path`` into new MLX arrays of ``specs`` (``[(shape, dtype)]``,
+    allocated and evaluated inside the timing, as a restore allocates them), filled in
+    order until the file ends: ``{"seconds", "alloc"}``."""
+    import mlx.core as mx
+
+    t = now()
+    arrays = [mx.zeros(shape, dtype=dtype) for shape, dtype in specs]
+    mx.eval(arrays)
+    alloc = now() - t
+    size, off = os.path.getsize(path), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for a in arrays:
+            mv = memoryview(a).cast("B")
+            want = min(len(mv), size - off)
+            while want > 0:
+                got = os.preadv(fd, [mv[:want]], off)
+                if got <= 0:
+                    break
+                off += got
+                want -= got
+                mv = mv[got:]
+            if off >= size:
+                break
+    finally:
+        os.close(fd)
+    return {"seconds": now() - t, "alloc": alloc}
 
 
 def memcpy_probe(nbytes):

@@ -59,7 +59,9 @@ def restore_warm(data):
             return None
         a, b = kv / mlx, kv / raw
         ok &= a <= 0.8 and b <= 1.5
-        parts.append(f"{model} {case['tokens']}: {_fmt(a)} mlx-lm, {_fmt(b)} raw")
+        into_mlx = _med(runs.get("raw_read_mlx", []), "seconds")
+        floor = f" ({_fmt(kv / into_mlx)} a raw read into a new MLX buffer)" if into_mlx else ""
+        parts.append(f"{model} {case['tokens']}: {_fmt(a)} mlx-lm, {_fmt(b)} raw{floor}")
     return "; ".join(parts), ok
 
 

@@ -149,7 +149,7 @@ def plot_restore(d, out):
 
     # stages of a restore against the raw read of the same bytes
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
-    stages = ["lookup", "open", "read", "verify", "rebuild", "other"]
+    stages = ["lookup", "open", "alloc", "read", "verify", "rebuild", "other"]
     conts = ["kv_store", "kv_disk", "kv_fresh_warm", "kv_fresh_cold", "mlx_file", "mlx_fresh_warm", "mlx_fresh_cold"]
     for ax, m in zip(axes[0], models):
         c = m["cases"][-1]
@@ -714,9 +714,11 @@ def gaps_section(data):
                 ks = R.get("kv_store", [])
                 parts.append(
                     f"{m['model']} {c['tokens']:,} tokens ({mb(c['kv_bytes'])}): in process {ms(med(ks, 'fetch'))} = "
-                    f"lookup {ms(med(ks, 'lookup'))}, open {ms(med(ks, 'open'))}, read {ms(med(ks, 'read'))}, "
+                    f"lookup {ms(med(ks, 'lookup'))}, open {ms(med(ks, 'open'))}, buffers {ms(med(ks, 'alloc'))}, "
+                    f"read {ms(med(ks, 'read'))}, "
                     f"verify {ms(med(ks, 'verify'))}, rebuild {ms(med(ks, 'rebuild'))}, other {ms(med(ks, 'other'))}; "
-                    f"a raw read of the same bytes into new memory {ms(med(R.get('raw_read_fresh', []), 'seconds'))}, "
+                    f"a raw read of the same bytes into new memory {ms(med(R.get('raw_read_fresh', []), 'seconds'))} "
+                    f"(into a new MLX buffer {ms(med(R.get('raw_read_mlx', []), 'seconds'))}), "
                     f"a memory copy {ms(med(R.get('memcpy', []), 'seconds'))}")
         items.append(
             "**A disk restore against a raw read of the same bytes.** Each tensor is read once, with grouped "
