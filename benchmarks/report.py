@@ -723,10 +723,14 @@ def gaps_section(data):
         items.append(
             "**A disk restore against a raw read of the same bytes.** Each tensor is read once, with grouped "
             "`preadv` calls, into buffers MLX allocated for it, and each chunk's xxh3 is checked right after it "
-            "is read (a corrupt chunk is a miss before a byte is used). What remains above the raw read: MLX "
-            "allocates zeroed buffers (`mx.zeros`: every page is written once before the read writes it again; "
-            "the raw read fills fresh pages once), the checksums, and building the cache objects. " +
-            "; ".join(parts) + ".")
+            "is read (a corrupt chunk is a miss before a byte is used). Most of what remains above the numpy raw "
+            "read is the MLX buffers themselves (*buffers*): on this Linux build every new MLX array's 4 KiB pages "
+            "are faulted in and zeroed one by one, while numpy gets transparent huge pages for large buffers and "
+            "reuses its heap below glibc's mmap threshold. The probe *into a new MLX buffer* allocates the arrays "
+            "a restore needs (same shapes, decode headroom, MLX's buffer cache emptied first) and reads the same "
+            "bytes into them: the floor for anything that hands out MLX arrays (mlx-lm's `load_prompt_cache` pays "
+            "the same allocation). Above that floor: the lookup, opening the blob, the checksums and the cache "
+            "objects. " + "; ".join(parts) + ".")
     h = data.get("hotpath")
     if h:
         rows = []
