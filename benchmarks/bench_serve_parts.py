@@ -155,7 +155,7 @@ def ask_all(client, system, questions, events, own_time=False):
         t0 = time.perf_counter()
         got = B.Server.ask(client, system, q, 8)
         parts = parts_between(list(events), t0, t0 + got["ttft"], own_time)
-        out.append({"question": q, "ttft": got["ttft"], "cached": got["cached"], "parts": parts})
+        out.append({"question": q, "ttft": got["ttft"], "cached": got["cached"], "parts": parts, "first": not out})
     return out
 
 
@@ -219,7 +219,8 @@ def peer_serve_and_ask(peer, model, system, questions, result_file):
 
 
 def summarize(requests, server="kvstore serve"):
-    """Medians per part for the first request and for the later ones, with owners and the rest."""
+    """Medians per part for the first request of each process (those marked ``first``; else the
+    first of the list) and for the later ones, with owners and the rest."""
     spec = SERVERS[server]
     cache_parts = {k for k, (owner, _, _) in spec["parts"].items() if owner == spec["cache"]}
 
@@ -239,7 +240,9 @@ def summarize(requests, server="kvstore serve"):
         return {"n": len(reqs), "ttft": ttft, "cached": C.median(cached) if cached else None, "parts": parts,
                 "owners": owners}
 
-    return {"first after restart": row(requests[:1]), "memory hits": row(requests[1:])}
+    firsts = {i for i, r in enumerate(requests) if r.get("first")} or {0}
+    return {"first after restart": row([r for i, r in enumerate(requests) if i in firsts]),
+            "memory hits": row([r for i, r in enumerate(requests) if i not in firsts])}
 
 
 HEADING = "## Where a cache hit's time goes in kvstore serve"
@@ -322,7 +325,8 @@ def section(result):
     kv, vm = SERVERS["kvstore serve"], SERVERS["vllm-mlx"]
     text = (f"vllm-mlx {peer['versions'][0]} (mlx-lm {peer['versions'][1]}, `--continuous-batching`) the same way, "
             "in a process of the peer venv's python: a fill process (a cold request, a graceful stop, which saves "
-            "its prefix cache), then a process that loads it and gets the same questions. The cache's parts are "
+            "its prefix cache), then a process that loads it and gets the same questions; "
+            f"{result.get('rounds', 1)} round(s) of both servers, their order rotating. The cache's parts are "
             f"kvstore's {_functions('kvstore serve', kv['cache'])} and vllm-mlx's prefix cache "
             f"{_functions('vllm-mlx', vm['cache'])} (a copy of the prompt's KV taken before the first token is "
             f"handed out); the serving engine's are mlx_lm.server's {_functions('kvstore serve', kv['engine'])} "
@@ -348,24 +352,17 @@ def run_phases(cmd, scratch, name, env=None):
     return runs
 
 
-def run_peer(peer, scratch):
-    """vllm-mlx's fill and measure phases (the peer venv's python running this file)."""
-    import bench_peers as B
-    from transformers import AutoTokenizer
-
-    from kvstore import tiny
-
-    model = tiny.model_dir(B.MODEL[0], **B.MODEL[1])
-    system = Path(scratch) / "system.txt"
-    system.write_text(B.system_prompt(AutoTokenizer.from_pretrained(str(model)), 2000))
-    home = Path(scratch) / "vllm-home"
-    home.mkdir()
-    env = dict(os.environ, HOME=str(home), HF_HUB_OFFLINE="1")
-    cmd = [str(peer / "bin" / "python"), __file__, "--server", "vllm-mlx", f"--peer-venv={peer}",
-           f"--model={model}", f"--system-file={system}"]
-    runs = run_phases(cmd, scratch, "vllm-mlx", env)
-    return {"versions": B.peer_versions(peer), "fill": runs["fill"], "requests": runs["measure"],
-            "summary": summarize(runs["measure"], "vllm-mlx")}
+def measure(server, place, args, peer=None):
+    """One round of ``server``: its fill and measure processes on a fresh ``place`` (kvstore's
+    store; vllm-mlx's home, holding its saved prefix cache); returns the measured requests."""
+    place.mkdir()
+    if server == "kvstore serve":
+        cmd, env = [C.PY, __file__, "--store", str(place / "store"), f"--serve-args={args.serve_args}"], None
+    else:
+        env = dict(os.environ, HOME=str(place), HF_HUB_OFFLINE="1")
+        cmd = [str(peer / "bin" / "python"), __file__, "--server", "vllm-mlx", f"--peer-venv={peer}",
+               f"--model={args.model}", f"--system-file={args.system_file}"]
+    return run_phases(cmd, place, server.split()[0], env)["measure"]
 
 
 def run_phase(args):
@@ -385,6 +382,8 @@ def main(argv=None):
                    help="kvstore serve options of both processes (default: --preload --warmup)")
     p.add_argument("--peer-venv", help="virtual environment holding vllm-mlx, measured the same way "
                                        "(default: $KVSTORE_PEER_VENV; without one only kvstore serve is measured)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds of fill + measure processes per server, servers interleaved (default: 1)")
     for hidden in ("--phase", "--server", "--store", "--model", "--system-file", "--result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -393,18 +392,31 @@ def main(argv=None):
     import bench_peers
 
     peer, why = bench_peers.peer_venv(args.peer_venv)
+    servers = ["kvstore serve"] + (["vllm-mlx"] if peer else [])
     result = C.header("serve_parts", "full", argv)
+    result["serve_args"], result["rounds"] = args.serve_args, args.rounds
+    got = {s: [] for s in servers}
     with C.scratch() as scratch:
-        runs = run_phases([C.PY, __file__, "--store", str(scratch / "store"), f"--serve-args={args.serve_args}"],
-                          scratch, "kvstore")
-        result["serve_args"] = args.serve_args
-        result["requests"] = runs["measure"]
-        result["summary"] = summarize(runs["measure"])
-        if peer is None:
-            log(f"serve_parts: vllm-mlx skipped: {why}")
-            result["peer_skipped"] = why
-        else:
-            result["peer"] = run_peer(peer, scratch)
+        if peer:
+            from transformers import AutoTokenizer
+
+            from kvstore import tiny
+
+            args.model = tiny.model_dir(bench_peers.MODEL[0], **bench_peers.MODEL[1])
+            args.system_file = scratch / "system.txt"
+            args.system_file.write_text(bench_peers.system_prompt(AutoTokenizer.from_pretrained(str(args.model)),
+                                                                  2000))
+        for r in range(args.rounds):
+            for server in C.rotated(servers, r):
+                got[server] += measure(server, scratch / f"{server.split()[0]}-{r}", args, peer)
+    result["requests"] = got["kvstore serve"]
+    result["summary"] = summarize(got["kvstore serve"])
+    if peer is None:
+        log(f"serve_parts: vllm-mlx skipped: {why}")
+        result["peer_skipped"] = why
+    else:
+        result["peer"] = {"versions": bench_peers.peer_versions(peer), "requests": got["vllm-mlx"],
+                          "summary": summarize(got["vllm-mlx"], "vllm-mlx")}
     path = C.finish(result, out=args.out)
     if Path(args.out).resolve() == C.RESULTS.resolve():
         bench_peers.write_section(C.HERE / "RESULTS.md", section(result), HEADING)
