@@ -114,3 +114,14 @@ def test_section_without_a_peer_is_kvstores_table():
     old = result(peer=False)
     del old["peer_skipped"]      # a results file from before the peer columns
     assert "vllm-mlx" not in P.section(old)
+
+
+def test_rounds_group_each_process_first_request():
+    rounds = []
+    for scale in (1.0, 2.0, 3.0):     # three measure processes, their first request marked
+        reqs = [kv_req(0.3 * scale, 0.005, 0.2, 0.25), kv_req(0.1 * scale, 0.0005, 0.05, 0.07)]
+        reqs[0]["first"], reqs[1]["first"] = True, False
+        rounds += reqs
+    s = P.summarize(rounds)
+    assert s["first after restart"]["n"] == 3 and s["memory hits"]["n"] == 3
+    assert abs(s["first after restart"]["ttft"] - 0.6) < 1e-9 and abs(s["memory hits"]["ttft"] - 0.2) < 1e-9
