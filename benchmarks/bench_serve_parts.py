@@ -136,6 +136,15 @@ def parts_between(events, start, end, own_time=False):
     return parts
 
 
+def calls_between(events, start, end):
+    """How many calls of each label overlap ``[start, end)``."""
+    calls = {}
+    for label, t, d, _own in events:
+        if min(t + d, end) > max(t, start):
+            calls[label] = calls.get(label, 0) + 1
+    return calls
+
+
 def ask_all(client, system, questions, events, own_time=False):
     """Wait for the server's /health, then ask ``questions`` one by one (``bench_peers.Server.ask``
     on ``client``); each request's parts are the events up to its first content chunk."""
@@ -154,8 +163,10 @@ def ask_all(client, system, questions, events, own_time=False):
         events.clear()
         t0 = time.perf_counter()
         got = B.Server.ask(client, system, q, 8)
-        parts = parts_between(list(events), t0, t0 + got["ttft"], own_time)
-        out.append({"question": q, "ttft": got["ttft"], "cached": got["cached"], "parts": parts, "first": not out})
+        seen = list(events)
+        out.append({"question": q, "ttft": got["ttft"], "cached": got["cached"], "first": not out,
+                    "parts": parts_between(seen, t0, t0 + got["ttft"], own_time),
+                    "calls": calls_between(seen, t0, t0 + got["ttft"])})
     return out
 
 

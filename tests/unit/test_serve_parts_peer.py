@@ -40,6 +40,7 @@ def test_parts_between_cuts_calls_to_the_window():
               ("c", 2.5, 0.1, 0.1)]      # after the first token: left out
     whole = P.parts_between(events, 1.0, 2.0)
     assert set(whole) == {"a", "b"} and whole["a"] == 0.5 and abs(whole["b"] - 0.5) < 1e-9
+    assert P.calls_between(events, 1.0, 2.0) == {"a": 1, "b": 2}
     got = P.parts_between(events, 1.0, 2.0, own_time=True)
     assert got["a"] == 0.5 and abs(got["b"] - 0.3) < 1e-9 and "c" not in got
 
