@@ -252,7 +252,22 @@ def peer_venv(arg=None):
     return Path(venv), None
 
 
+def peer_versions(peer):
+    """``[vllm-mlx version, mlx-lm version]`` installed in the peer venv."""
+    return subprocess.run([str(Path(peer) / "bin" / "python"), "-c",
+                           "import importlib.metadata as m; print(m.version('vllm-mlx'), m.version('mlx-lm'))"],
+                          capture_output=True, text=True).stdout.split()
+
+
 # ------------------------------------------------------------------ servers
+def vllm_command(peer, model, port, warm_file=None):
+    """The vllm-mlx command line of these benchmarks (``--continuous-batching``: its prefix cache
+    is saved at a graceful stop and loaded at start only in that mode)."""
+    args = [str(Path(peer) / "bin" / "vllm-mlx"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "--continuous-batching"]
+    return args + (["--warm-prompts", str(warm_file)] if warm_file else [])
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -272,9 +287,7 @@ class Server:
         else:
             # vllm-mlx keeps its prefix cache under ~/.cache/vllm-mlx: a home of its own per scenario
             env["HOME"] = str(place)
-            args = [str(peer / "bin" / "vllm-mlx"), "serve", str(model), *host, "--continuous-batching"]
-            if warm_file:
-                args += ["--warm-prompts", str(warm_file)]
+            args = vllm_command(peer, model, self.port, warm_file)
         self.model = str(model)
         t = now()
         self.proc = subprocess.Popen(args, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
@@ -434,9 +447,7 @@ def main(argv=None):
     model = tiny.model_dir(MODEL[0], **MODEL[1])
     system = system_prompt(AutoTokenizer.from_pretrained(str(model)), cfg["system_tokens"])
     result = C.header("peers", args.mode, argv)
-    peer_version = subprocess.run([str(peer / "bin" / "python"), "-c",
-                                   "import importlib.metadata as m; print(m.version('vllm-mlx'), m.version('mlx-lm'))"],
-                                  capture_output=True, text=True).stdout.split()
+    peer_version = peer_versions(peer)
     result["config"] = {**cfg, "model": {"family": MODEL[0], **MODEL[1]}, "questions": QUESTIONS,
                         "kvstore_options": EXTRA,
                         "peer": {"venv": str(peer), "vllm_mlx": peer_version[:1], "mlx_lm": peer_version[1:]}}
