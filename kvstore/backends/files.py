@@ -148,6 +148,42 @@ def _write_all(fd, data):
         mv = mv[n:]
 
 
+def _write_data(fd, lay):
+    """Write a laid-out blob to ``fd``; return its header.
+
+    The data goes to the file while another thread checksums it (both
+    release the GIL); the header, whose length does not depend on the
+    checksums, is written last, at the start of the file.
+    """
+    summer = _Background(lay.sum)
+    os.lseek(fd, lay.data_offset, os.SEEK_SET)
+    for piece in lay.pieces:
+        _write_all(fd, piece)
+    summer.join()
+    head = lay.head()
+    os.lseek(fd, 0, os.SEEK_SET)
+    _write_all(fd, head)
+    size = os.fstat(fd).st_size
+    if size != lay.size:
+        raise OSError(errno.EIO, f"blob {lay.blob_id} is {size} bytes after writing {lay.size}")
+    return head
+
+
+def _sync_file(fd):
+    os.fsync(fd)
+
+
+def _place(folder, tmp_name, blob_id, fsync):
+    """Rename a written temp file into ``blobs/<xx>/`` (and fsync that folder)."""
+    sub = open_dir(blob_id[:2], dir_fd=folder.fd("blobs"), create=True)
+    try:
+        os.rename(tmp_name, f"{blob_id}{SUFFIX}", src_dir_fd=folder.fd("tmp"), dst_dir_fd=sub)
+        if fsync:
+            os.fsync(sub)
+    finally:
+        os.close(sub)
+
+
 class FileBlobs:
     """The ``Blobs`` of a store folder: ``blobs/<xx>/<id>.safetensors`` written through ``tmp/``."""
 
@@ -156,39 +192,19 @@ class FileBlobs:
         self.fsync = fsync
 
     def write(self, tensors, meta):
-        """Write a new blob (tmp, fsync, rename) and return its ``BlobRef``.
-
-        The data goes to the file while another thread checksums it (both
-        release the GIL); the header, whose length does not depend on the
-        checksums, is written last, at the start of the file.
-        """
+        """Write a new blob (tmp, fsync, rename) and return its ``BlobRef``."""
         lay = Layout(tensors, meta)
         blob_id, tmp_fd = lay.blob_id, self.folder.fd("tmp")
         tmp_name = f"{blob_id}.tmp"
         fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600, dir_fd=tmp_fd)
         try:
             try:
-                summer = _Background(lay.sum)
-                os.lseek(fd, lay.data_offset, os.SEEK_SET)
-                for piece in lay.pieces:
-                    _write_all(fd, piece)
-                summer.join()
-                head = lay.head()
-                os.lseek(fd, 0, os.SEEK_SET)
-                _write_all(fd, head)
-                if os.fstat(fd).st_size != lay.size:
-                    raise OSError(errno.EIO, f"blob {blob_id} is {os.fstat(fd).st_size} bytes after writing {lay.size}")
+                head = _write_data(fd, lay)
                 if self.fsync:
-                    os.fsync(fd)
+                    _sync_file(fd)
             finally:
                 os.close(fd)
-            sub = open_dir(blob_id[:2], dir_fd=self.folder.fd("blobs"), create=True)
-            try:
-                os.rename(tmp_name, f"{blob_id}{SUFFIX}", src_dir_fd=tmp_fd, dst_dir_fd=sub)
-                if self.fsync:
-                    os.fsync(sub)
-            finally:
-                os.close(sub)
+            _place(self.folder, tmp_name, blob_id, self.fsync)
         except BaseException:
             try:
                 os.unlink(tmp_name, dir_fd=tmp_fd)
