@@ -313,10 +313,11 @@ def write_bench(cfg, scratch, rng):
         k = cfg["write_snapshots"]
         names = ("raw", "raw_bg", "put", "queue", "mlx_save")
         runs = {name: [] for name in names}
-        stages, callers, writer_busy = WriteStages(), [], []
+        stages, per_round, callers, writer_busy = WriteStages(), [], [], []
 
         def put(folder):
             store = SnapshotStore(folder)
+            stages.t.clear()
             stages.install()
             try:
                 t = now()
@@ -326,6 +327,7 @@ def write_bench(cfg, scratch, rng):
             finally:
                 stages.uninstall()
             store.close()
+            per_round.append({**stages.t, "other": s - sum(stages.t.values())})
             return s
 
         def queue(folder):
@@ -373,13 +375,13 @@ def write_bench(cfg, scratch, rng):
                 shutil.rmtree(folder, ignore_errors=True)
             C.fresh_memory()
         loads.append(C.loadavg())
-        out.append(write_result(shape, n, nbytes, k, runs, stages.t, callers, writer_busy, loads))
+        out.append(write_result(shape, n, nbytes, k, runs, per_round, callers, writer_busy, loads))
         del cache
         mx.clear_cache()
     return out
 
 
-def write_result(shape, n, nbytes, k, runs, stage_t, callers, writer_busy, loads):
+def write_result(shape, n, nbytes, k, runs, per_round, callers, writer_busy, loads):
     mb = nbytes * k / 1e6
     res = {"shape": shape, "tokens": n, "snapshot_bytes": nbytes, "snapshots": k, "rounds": len(runs["raw"]),
            "load": loads, "seconds": {name: C.summary(v) for name, v in runs.items()},
@@ -387,9 +389,8 @@ def write_result(shape, n, nbytes, k, runs, stage_t, callers, writer_busy, loads
            "queue_caller_per_insert": C.summary(callers)}
     res["ratio_to_raw"] = {name: res["mb_per_s"][name] / res["mb_per_s"]["raw"] for name in runs}
     res["paired_ratio_to_raw"] = {name: C.median([r / x for r, x in zip(runs["raw"], v)]) for name, v in runs.items()}
-    puts = k * len(runs["put"])
-    res["put_stages_ms"] = {name: 1e3 * s / puts for name, s in stage_t.items()}
-    res["put_stages_ms"]["other"] = 1e3 * sum(runs["put"]) / puts - sum(res["put_stages_ms"].values())
+    # per snapshot, the median over rounds of each stage (medians need not add up to the put's median)
+    res["put_stages_ms"] = {name: 1e3 * C.median([r.get(name, 0.0) for r in per_round]) / k for name in per_round[0]}
     res["raw_ms_per_file"] = 1e3 * C.median(runs["raw"]) / k
     # the queue's wall time less the writer's time inside put: hand-offs, wake-ups, waiting for a CPU
     res["queue_ms_outside_put"] = 1e3 * C.median([q - b for q, b in zip(runs["queue"], writer_busy)]) / k
