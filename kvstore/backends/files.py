@@ -129,12 +129,13 @@ def _write_all(fd, data):
         mv = mv[n:]
 
 
-def _write_data(fd, lay):
+def _write_data(fd, lay, writeback=True):
     """Write a laid-out blob to ``fd``; return its header.
 
     The data goes out in batches of pieces (one ``writev`` each, no joined
-    copy), each checksummed just before it is written; the disk starts on a
-    batch while the next is copied (``_start_writeback``). The header, whose
+    copy), each checksummed just before it is written; with ``writeback`` the
+    disk starts on a batch while the next is copied (``_start_writeback``),
+    so the fsync that follows has little left to wait for. The header, whose
     length does not depend on the checksums, is written last, at the start of
     the file.
     """
@@ -142,7 +143,8 @@ def _write_data(fd, lay):
     for batch in lay.batches():
         _writev_all(fd, batch, offset)
         n = sum(len(b) for b in batch)
-        _start_writeback(fd, offset, n)
+        if writeback:
+            _start_writeback(fd, offset, n)
         offset += n
     head = lay.head()
     _writev_all(fd, [head], 0)
@@ -234,7 +236,7 @@ class FileBlobs:
         fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o600, dir_fd=tmp_fd)
         try:
             try:
-                head = _write_data(fd, lay)
+                head = _write_data(fd, lay, writeback=self.fsync)
                 if self.fsync:
                     _sync_file(fd)
             finally:
