@@ -190,14 +190,15 @@ SYNC_FILE_RANGE_WRITE = 2
 
 
 def _start_writeback(fd, offset, length):
-    """Have the kernel start writing a range just written to the disk (no wait):
-    the fsync that makes the blob durable then waits for less. A hint only; an
-    error here is ignored (the fsync reports real ones)."""
+    """Have the kernel start writing a range just written to the disk, without
+    waiting for it: the fsync that makes the blob durable then waits for less.
+    A hint only; its result is ignored (the fsync reports real errors)."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _sync_file(fd):
+    """Make a written blob durable (its own stage, so benchmarks can time it)."""
     os.fsync(fd)
 
 
