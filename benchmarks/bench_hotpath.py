@@ -50,7 +50,7 @@ LABELS = {
     "raw_wb": "raw write + fsync, the disk started on each 2 MB at once (as kvstore writes)",
     "put": "SnapshotStore.put (fsync)",
     "queue": "TieredPromptCache write-behind queue (fsync), then flush",
-    "queue_bg": "TieredPromptCache write-behind queue (fsync), nobody waiting (the writer stays at the lowest priority)",
+    "queue_bg": "TieredPromptCache write-behind queue (fsync), nobody waiting: the writer at the lowest priority",
     "mlx_save": "mlx-lm save_prompt_cache + fsync",
 }
 

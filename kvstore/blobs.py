@@ -92,14 +92,6 @@ def _slices(arr, rows_axis):
     return [np.ascontiguousarray(arr)]
 
 
-def _piece_sums(pieces, rows_axis, shape):
-    """The chunk checksums of a tensor given as its pieces in file order."""
-    hashers = [xxhash.xxh3_64() for _ in range(_sum_count(rows_axis, shape))]
-    for p in pieces:
-        _sum_piece(hashers, p, rows_axis, shape, len(pieces))
-    return [h.intdigest() for h in hashers]
-
-
 def _sum_piece(hashers, piece, rows_axis, shape, n_pieces):
     """Feed one piece of a tensor (the whole tensor, or one leading slice of
     ``n_pieces``) to its chunk hashers, slice by slice; each hasher sees its
