@@ -31,6 +31,8 @@ VERIFY_PIECE = 4 << 20
 GROUP_BYTES = 2 << 20
 # buffers per preadv (POSIX guarantees at least 16; Linux and macOS take 1024)
 IOV_BATCH = 512
+# bytes of pieces a writer is handed at a time (checksummed just before, so still in the CPU's cache)
+BATCH_BYTES = 2 << 20
 
 # safetensors dtype -> numpy container (bf16 travels as uint16 bits)
 DTYPES = {
@@ -90,19 +92,18 @@ def _slices(arr, rows_axis):
     return [np.ascontiguousarray(arr)]
 
 
-def _piece_sums(pieces, rows_axis, shape):
-    """The chunk checksums of a tensor given as its pieces in file order."""
+def _sum_piece(hashers, piece, rows_axis, shape, n_pieces):
+    """Feed one piece of a tensor (the whole tensor, or one leading slice of
+    ``n_pieces``) to its chunk hashers, slice by slice; each hasher sees its
+    rows in file order, as ``_chunk_sums`` feeds them."""
     if rows_axis is None or not shape:
-        h = xxhash.xxh3_64()
-        for p in pieces:
-            h.update(memoryview(p).cast("B"))
-        return [h.intdigest()]
+        hashers[0].update(memoryview(piece).cast("B"))
+        return
     rows = shape[rows_axis]
-    if len(pieces) == 1:
-        view = _row_view(pieces[0], rows_axis)
-    else:  # one piece per leading slice, each (rows, ...)
-        view = [p.reshape(rows, -1).view(np.uint8) for p in pieces]
-    return _chunk_sums(view, rows, CHUNK_ROWS)
+    view = _row_view(piece, rows_axis) if n_pieces == 1 else [piece.reshape(rows, -1).view(np.uint8)]
+    for sl in view:
+        for c, h in enumerate(hashers):
+            h.update(sl[c * CHUNK_ROWS : (c + 1) * CHUNK_ROWS])
 
 
 def _sum_count(rows_axis, shape):
@@ -117,8 +118,8 @@ class Layout:
     the tensors), their checksums once ``sum()`` has run, and the header.
 
     The header's length does not depend on the checksums (fixed-width hex), so
-    ``data_offset`` is known before they are computed: a writer may write the
-    data while another thread computes them, and the header last.
+    ``data_offset`` is known before they are computed: a writer writes the data
+    as ``batches()`` checksums it, and the header last.
     """
 
     def __init__(self, tensors, meta, blob_id=None):
@@ -140,11 +141,31 @@ class Layout:
         self.size = self.data_offset + offset
 
     def sum(self):
-        """Compute every tensor's chunk checksums (reads the data once; may run on another thread)."""
-        sums = {}
+        """Compute every tensor's chunk checksums (reads the data once)."""
+        for _ in self.batches():
+            pass
+
+    def batches(self, limit=BATCH_BYTES):
+        """The data pieces in file order, in lists of about ``limit`` bytes (at
+        least one piece each); a piece is checksummed just before it is handed
+        out, so a writer's copy reads it from the CPU's cache. ``sums`` is
+        complete once every batch has been taken."""
+        sums, batch, size = {}, [], 0
         for name, (_dt, shape, _off, rows_axis, parts, _isz) in self.entries.items():
-            values = _piece_sums(parts, rows_axis, shape)
-            sums[name] = [rows_axis, CHUNK_ROWS if rows_axis is not None else 1, "".join(f"{v:016x}" for v in values)]
+            hashers = [xxhash.xxh3_64() for _ in range(_sum_count(rows_axis, shape))]
+            for part in parts:
+                _sum_piece(hashers, part, rows_axis, shape, len(parts))
+                if not part.nbytes:
+                    continue
+                batch.append(memoryview(part).cast("B"))
+                size += part.nbytes
+                if size >= limit:
+                    yield batch
+                    batch, size = [], 0
+            sums[name] = [rows_axis, CHUNK_ROWS if rows_axis is not None else 1,
+                          "".join(f"{h.intdigest():016x}" for h in hashers)]
+        if batch:
+            yield batch
         self.sums = sums
 
     def head(self, placeholder=False):

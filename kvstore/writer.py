@@ -5,6 +5,14 @@ disk I/O or serialisation: a full queue either drops the snapshot or waits
 a bounded time (policy ``drop`` / ``wait``), counted either way. The writer
 runs no MLX graph work (arrays are evaluated before they are queued) and a
 store fault is a failed write, counted, never raised to anyone.
+
+The writer runs at the lowest priority, so a checkpoint never takes the CPU
+from a request. While a caller is blocked on it (``submit`` waiting for room,
+``flush``, ``close``) the writer is on that caller's way, and a lowest-priority
+writer on a busy machine would keep it waiting (priority inversion): for as
+long as someone waits, the writer runs at the waiting caller's priority (on
+Linux, where one thread may set another's, if the system allows it), and the
+last caller to stop waiting sets it back to the lowest.
 """
 
 import logging
@@ -43,6 +51,21 @@ def lower_priority(native_id=None):
         log.debug("kvstore: background thread keeps its priority (%s)", exc)
 
 
+def _share_priority(native_id):
+    """Give thread ``native_id`` the calling thread's priority (Linux: one thread may set
+    another's niceness; raising it back needs privilege or RLIMIT_NICE). True if done."""
+    import sys
+
+    if native_id is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, native_id, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return True
+    except OSError as exc:
+        log.debug("kvstore: the writer keeps its low priority while a caller waits (%s)", exc)
+        return False
+
+
 @dataclass
 class Write:
     """One queued snapshot: ``cache`` holds exactly ``tokens`` of model ``fp``."""
@@ -74,6 +97,8 @@ class WriteBehind:
         self.cv = threading.Condition()
         self.thread = None
         self.on_write = None  # on_write(seconds, ok) after each write, on the writer thread
+        self.waiting = 0  # callers blocked on the writer (submit waiting for room, flush)
+        self.raised = False  # the writer runs at a waiting caller's priority
 
     def submit(self, item):
         with self.cv:
@@ -83,7 +108,7 @@ class WriteBehind:
             if len(self.queue) >= self.size:
                 if self.policy == "wait":
                     t = time.monotonic()
-                    self.cv.wait_for(lambda: len(self.queue) < self.size or self.closed, self.timeout)
+                    self._wait(lambda: len(self.queue) < self.size or self.closed, self.timeout)
                     self.count("queue.waits")
                     self.count("queue.wait_ms", int((time.monotonic() - t) * 1000))
                 if len(self.queue) >= self.size or self.closed:
@@ -97,8 +122,24 @@ class WriteBehind:
             self.cv.notify_all()
             return True
 
+    def _wait(self, predicate, timeout):
+        """Wait on the queue's condition (held) with the writer at this caller's
+        priority; the last caller to stop waiting lowers it again."""
+        self.waiting += 1
+        try:
+            if not self.raised and self.thread is not None and not predicate():
+                self.raised = _share_priority(self.thread.native_id)
+            return self.cv.wait_for(predicate, timeout)
+        finally:
+            self.waiting -= 1
+            if self.raised and not self.waiting:
+                lower_priority(self.thread.native_id)
+                self.raised = False
+
     def _run(self):
-        lower_priority()
+        with self.cv:
+            if not self.raised:  # else a caller waits already: it lowers the thread when done
+                lower_priority()
         while True:
             with self.cv:
                 self.cv.wait_for(lambda: self.queue or self.closed)
@@ -142,7 +183,7 @@ class WriteBehind:
 
     def flush(self, timeout=None):
         with self.cv:
-            return self.cv.wait_for(lambda: not self.queue and not self.busy, timeout)
+            return self._wait(lambda: not self.queue and not self.busy, timeout)
 
     def close(self, timeout=None):
         done = self.flush(timeout)

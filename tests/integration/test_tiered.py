@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -421,6 +422,63 @@ def test_burst_beyond_the_queue(path, policy):
     assert n["writes.done"] == 5 and n["writes.dropped"] == 7 and n["queue.depth"] == 0
     tokens, problems = stored(path)
     assert tokens == [20] * 5 and problems == []
+
+
+def _writer_nice():
+    """The niceness of the write-behind thread (``None`` while there is none)."""
+    t = next((t for t in threading.enumerate() if t.name == "kvstore-writer" and t.is_alive()), None)
+    return None if t is None else os.getpriority(os.PRIO_PROCESS, t.native_id)
+
+
+def _may_raise_priority():
+    """Whether this process may give a thread back a lower niceness (root, or RLIMIT_NICE)."""
+    got = []
+
+    def probe():
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, 19)
+        try:
+            os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id))
+            got.append(True)
+        except OSError:
+            got.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return got[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="one thread setting another's niceness is Linux's")
+@pytest.mark.parametrize("blocked", ["flush", "submit"])
+def test_the_writer_runs_at_the_priority_of_a_caller_it_keeps_waiting(path, blocked):
+    """The lowest priority while nobody waits for the writer; a caller's own while it
+    waits (in flush, or in an insert that waits for room), the lowest again after."""
+    if not _may_raise_priority():
+        pytest.skip("this process may not give a thread back a lower niceness")
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert caller < 19
+    c = TieredPromptCache(path, queue_size=1, queue_policy="wait", queue_timeout=30, **opts())
+    holder = hold_write_lock(path)
+    try:
+        burst(c, 1)
+        # the writer took the first snapshot and waits for the lock held by another process
+        wait_for(lambda: c.counters()["queue.in_flight"] == 1)
+        assert _writer_nice() == 19
+        burst(c, 1, start=1)  # queued: the queue is full now
+        time.sleep(0.2)
+        assert _writer_nice() == 19
+        waiter = threading.Thread(target=c.flush if blocked == "flush" else lambda: burst(c, 1, start=2))
+        waiter.start()
+        wait_for(lambda: _writer_nice() == caller)
+    finally:
+        release(holder)
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert _writer_nice() == 19
+    assert c.close()
+    n = c.counters()
+    assert n["writes.done"] == (2 if blocked == "flush" else 3) and n["writes.dropped"] == 0
 
 
 def test_close_writes_everything_queued(path):

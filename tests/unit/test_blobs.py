@@ -184,3 +184,30 @@ def test_a_blob_is_copied_by_its_bytes_under_its_own_id(dirs, tmp_path):
         r.verify()
     assert list((other_root / "tmp").iterdir()) == []
     assert oct(path_of(other_root, blob_id).stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.parametrize("limit", [1, 5000, B.BATCH_BYTES])
+def test_batches_hand_out_the_data_in_file_order_with_the_checksums_a_reader_checks(dirs, limit):
+    """Pieces of strided views (a cache's rows inside a larger buffer) come out in file
+    order whatever the batch size, and the checksums made on the way are the ones the
+    reader computes over the tensor made contiguous."""
+    root, blobs = dirs
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 2**16, (1, 3, 700, 8), dtype=np.uint16)
+    k = big[:, :, 20:620, :]  # strided: 600 rows of a 700-row buffer, one piece per head
+    v = rng.integers(0, 2**16, (1, 3, 600, 8), dtype=np.uint16)  # contiguous: one piece
+    s = rng.standard_normal((2, 5)).astype(np.float32)
+    tensors = {"k": ("BF16", k, 2), "v": ("BF16", v, 2), "s": ("F32", s, None)}
+    lay = B.Layout(tensors, {"kvstore.kind": "test"})
+    batches = list(lay.batches(limit))
+    assert all(batches) and (limit > 5000 or len(batches) > 1)
+    data = b"".join(bytes(b) for batch in batches for b in batch)
+    assert data == np.ascontiguousarray(k).tobytes() + v.tobytes() + s.tobytes()
+    for name, arr in (("k", np.ascontiguousarray(k)), ("v", v)):
+        view = B._row_view(arr, 2)
+        want = "".join(f"{x:016x}" for x in B._chunk_sums(view, 600, B.CHUNK_ROWS))
+        assert lay.sums[name] == [2, B.CHUNK_ROWS, want]
+    blob_id, size, hs = write(blobs, tensors)
+    with blobs.open(blob_id, size, hs) as r:
+        r.verify()
+        assert np.array_equal(r.read("k"), k) and np.array_equal(r.read("s"), s)
