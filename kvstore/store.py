@@ -45,8 +45,12 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 BAD_TTL = 60.0
 # seconds a put waits for the checks of snapshots that failed to load (it runs off the request's way)
 REPAIR_WAIT = 30.0
-# snapshots deleted in one index transaction by prune and the budget
+# snapshots deleted in one index transaction by prune and the budget: at least DELETE_BATCH,
+# then more while the transaction has run less than DELETE_HOLD seconds (each commit is one
+# fsync, and the write lock is held meanwhile), at most DELETE_MAX
 DELETE_BATCH = 256
+DELETE_HOLD = 0.25
+DELETE_MAX = 16384
 # loading faults: anything a damaged record or blob can make the restore path raise
 LOAD_FAULTS = (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError,
                OverflowError, MemoryError, RuntimeError)
@@ -452,13 +456,16 @@ class SnapshotStore:
         """Delete ``plan`` (``SnapshotInfo``\\ s) in order, stopping once the
         store holds at most ``max_bytes``; return ``(count, bytes freed)``.
 
-        Snapshots are deleted ``DELETE_BATCH`` to a transaction (one commit,
-        one fsync), their unused blobs removed after each commit.
+        Snapshots are deleted in batches of one transaction each (one commit,
+        one fsync; at least ``DELETE_BATCH``, more while the transaction is
+        short), their unused blobs removed after each commit.
         """
-        count = freed = 0
-        for i in range(0, len(plan), DELETE_BATCH):
-            batch = plan[i : i + DELETE_BATCH]
-            done, stop = self._remove_batch([bytes.fromhex(e.key) for e in batch], max_bytes)
+        count = freed = i = 0
+        keys = [bytes.fromhex(e.key) for e in plan]
+        while i < len(plan):
+            batch = plan[i : i + DELETE_MAX]
+            done, stop = self._remove_batch(keys[i : i + DELETE_MAX], max_bytes)
+            i += len(done)
             for e, got in zip(batch, done):
                 if got is None:
                     continue
@@ -475,12 +482,17 @@ class SnapshotStore:
         return count, freed
 
     def _remove_batch(self, kbs, max_bytes=None):
-        """Delete ``kbs`` in one transaction (stopping once the store fits ``max_bytes``);
-        return ``([bytes freed or None per key], stopped early)``."""
+        """Delete a leading run of ``kbs`` in one transaction (all of the first
+        ``DELETE_BATCH``, then more until ``DELETE_HOLD`` seconds have passed),
+        stopping once the store fits ``max_bytes``; return ``([bytes freed or
+        None per key handled], stopped early)``."""
 
         def tx(w):
             out, doomed = [], []
-            for kb in kbs:
+            start = time.monotonic()
+            for n, kb in enumerate(kbs):
+                if n >= DELETE_BATCH and n % 64 == 0 and time.monotonic() - start > DELETE_HOLD:
+                    break
                 if max_bytes is not None and w.counter("bytes") <= max_bytes:
                     return out, doomed, True
                 raw = w.snapshot(kb)
