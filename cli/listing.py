@@ -148,14 +148,41 @@ COLUMNS = ("SIZE is everything a snapshot reads (fixed for its life) = OWN (byte
 def render(entries, texts=None, frees=None):
     """Entries as an aligned table for people (``frees``: a FREES column, bytes by key)."""
     now = time.time()
+    size, age = _memo(fmt.size), _ages()  # few distinct values: format each once
     rows = []
     for e in entries:
-        r = [e.key[:SHORT_KEY], e.model, e.tier, str(e.tokens), fmt.size(e.bytes), fmt.size(e.unique_bytes),
-             fmt.size(e.shared_bytes), str(e.hits), fmt.ago(now - e.accessed) + " ago", fmt.ago(now - e.created)]
-        r += [fmt.size(frees[e.key])] if frees is not None else []
+        r = [e.key[:SHORT_KEY], e.model, e.tier, str(e.tokens), size(e.bytes), size(e.unique_bytes),
+             size(e.shared_bytes), str(e.hits), age(now - e.accessed) + " ago", age(now - e.created)]
+        r += [size(frees[e.key])] if frees is not None else []
         rows.append(r + ([texts[e.key]] if texts is not None else []))
     headers = HEADERS + (["FREES"] if frees is not None else []) + (["TEXT"] if texts is not None else [])
     return fmt.table(rows, headers, right=RIGHT)
+
+
+def _memo(fn):
+    """``fn`` of one argument, remembering its results."""
+    seen = {}
+
+    def call(x):
+        got = seen.get(x)
+        if got is None:
+            got = seen[x] = fn(x)
+        return got
+
+    return call
+
+
+def _ages():
+    """``fmt.ago``, remembering its text by whole seconds (all it shows)."""
+    whole = _memo(fmt.ago)
+
+    def age(seconds):
+        try:
+            return whole(int(seconds))
+        except (OverflowError, ValueError):  # inf or nan from a damaged record
+            return fmt.ago(seconds)
+
+    return age
 
 
 def total_line(entries, store_bytes, everything):

@@ -36,14 +36,14 @@ def entries(index, fingerprint=None, tier=None):
 
 
 def _segment_sizes(r):
-    """``{segment id: (size, users)}`` of every well-formed segment record, read in one pass."""
+    """``{segment id: (size, users, hex id)}`` of every well-formed segment record, read in one pass."""
     out = {}
     for sid, raw in r.segments():
         try:
             seg = decode_segment(raw)
         except CorruptSnapshot:
             continue
-        out[sid] = (seg.size, max(seg.refs, 1))
+        out[sid] = (seg.size, max(seg.refs, 1), sid.hex())
     return out
 
 
@@ -90,15 +90,16 @@ def _info(r, k, snap, name, segs):
     """The ``SnapshotInfo`` of one decoded record, sizes from its segment records."""
     size = split = own = 0
     sizes, shared = {}, []
-    for e in snap.extents:
-        seg_size, refs = segs.get(e.segment, (0, 1))
-        sizes[e.segment.hex()] = seg_size
+    for seg, _rows in snap.extents:
+        got = segs.get(seg)
+        seg_size, refs, hexid = got if got is not None else (0, 1, seg.hex())
+        sizes[hexid] = seg_size
         size += seg_size
         split += seg_size // refs
         if refs <= 1:
             own += seg_size
         else:
-            shared.append(e.segment.hex())
+            shared.append(hexid)
     if snap.state:
         sizes[snap.state.blob.hex()] = snap.state.size
         size += snap.state.size
@@ -107,12 +108,9 @@ def _info(r, k, snap, name, segs):
     acc_raw = r.access(k)
     acc = decode_access(acc_raw) if acc_raw is not None else None
     accessed = acc.accessed if acc is not None and acc.accessed else snap.created
-    return SnapshotInfo(
-        key=k.hex(), fingerprint=snap.fingerprint, model=name, tier=snap.tier, tokens=snap.n_tokens, bytes=size,
-        shared_bytes=size - own, unique_bytes=own, created=snap.created, accessed=accessed,
-        hits=acc.hits if acc is not None else 0, trimmable=snap.trimmable, blobs=list(sizes), blob_bytes=sizes,
-        split_bytes=split, shared_blobs=shared,
-    )
+    return SnapshotInfo(k.hex(), snap.fingerprint, name, snap.tier, snap.n_tokens, size, size - own, snap.created,
+                        accessed, acc.hits if acc is not None else 0, snap.trimmable, list(sizes), own, sizes, split,
+                        shared)
 
 
 def footprint(listed):

@@ -10,6 +10,7 @@ never change without a new version. This module does no I/O.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
@@ -52,8 +53,7 @@ def _int(x, lo=0):
 
 
 # ------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     """``rows`` rows of the shared segment ``segment`` (positional KV of consecutive tokens)."""
 
     segment: bytes
@@ -169,28 +169,40 @@ def decode_snapshot(raw):
 
 def snapshot_from(rec):
     """A ``Snapshot`` from a decoded record map (validated as ``decode_snapshot``)."""
-    n = rec.get("n")
-    tok, ext, st, links = rec.get("tok"), rec.get("ext"), rec.get("st"), rec.get("links", b"")
-    ok = (
-        rec.get("v") == FORMAT_VERSION and isinstance(rec.get("fp"), str) and isinstance(rec.get("tier"), str)
-        and _int(n, 1) and isinstance(tok, bytes) and len(tok) == 4 * n
-        and isinstance(rec.get("lay"), list) and isinstance(rec.get("sid"), str)
-        and isinstance(ext, list)
-        and all(isinstance(e, list) and len(e) == 2 and is_id(e[0]) and _int(e[1], 1) for e in ext)
+    get = rec.get
+    n, tok, ext, st, links, endl = get("n"), get("tok"), get("ext"), get("st"), get("links", b""), get("endl")
+    extents = _extents(ext)
+    if not (
+        get("v") == FORMAT_VERSION and isinstance(get("fp"), str) and isinstance(get("tier"), str)
+        and type(n) is int and n >= 1 and isinstance(tok, bytes) and len(tok) == 4 * n
+        and isinstance(get("lay"), list) and isinstance(get("sid"), str) and extents is not None
         and (st is None or (isinstance(st, list) and len(st) == 3 and is_id(st[0]) and _int(st[1])
                             and type(st[2]) is int))
-        and isinstance(links, bytes) and len(links) % KEY_BYTES == 0 and is_id(rec.get("endl"))
-    )
-    if not ok:
+        and isinstance(links, bytes) and len(links) % KEY_BYTES == 0
+        and isinstance(endl, bytes) and len(endl) == KEY_BYTES
+    ):
         raise CorruptSnapshot("malformed snapshot record")
-    own, created = rec.get("own", 0), rec.get("t", 0.0)
+    own, created = get("own", 0), get("t", 0.0)
     return Snapshot(
-        fingerprint=rec["fp"], tier=rec["tier"], n_tokens=n, tokens=tok, layout=rec["lay"], layout_id=rec["sid"],
-        extents=[Extent(bytes(e[0]), e[1]) for e in ext], state=BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
-        trimmable=bool(rec.get("trim")), own_bytes=own if type(own) is int else 0,
-        created=float(created) if type(created) in (int, float) else 0.0, tenanted=bool(rec.get("ten")),
-        links=links, end_link=rec["endl"],
+        rec["fp"], rec["tier"], n, tok, rec["lay"], rec["sid"], extents, BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
+        bool(get("trim")), own if type(own) is int else 0, float(created) if type(created) in (int, float) else 0.0,
+        bool(get("ten")), links, endl,
     )
+
+
+def _extents(ext):
+    """The ``Extent`` list of a record's ``ext`` field, or ``None`` unless each is ``[16-byte id, rows >= 1]``."""
+    if not isinstance(ext, list):
+        return None
+    out = []
+    for e in ext:
+        if not (isinstance(e, list) and len(e) == 2):
+            return None
+        seg, rows = e
+        if not (isinstance(seg, bytes) and len(seg) == KEY_BYTES and type(rows) is int and rows >= 1):
+            return None
+        out.append(Extent(bytes(seg), rows))
+    return out
 
 
 def encode_segment(s):
