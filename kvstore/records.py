@@ -169,40 +169,59 @@ def decode_snapshot(raw):
 
 def snapshot_from(rec):
     """A ``Snapshot`` from a decoded record map (validated as ``decode_snapshot``)."""
+    check_snapshot(rec)
+    get, st = rec.get, rec.get("st")
+    own = get("own", 0)
+    return Snapshot(
+        rec["fp"], rec["tier"], rec["n"], rec["tok"], rec["lay"], rec["sid"], [Extent(bytes(s), r) for s, r in rec["ext"]],
+        BlobRef(bytes(st[0]), st[1], st[2]) if st else None, bool(get("trim")), own if type(own) is int else 0,
+        _created(rec), bool(get("ten")), get("links", b""), rec["endl"],
+    )
+
+
+def snapshot_summary(raw):
+    """``(fingerprint, tier, n_tokens, [[segment, rows], ...], state BlobRef or None, trimmable, created)``
+    of a snapshot record, validated as ``decode_snapshot`` but without building a ``Snapshot``
+    (a listing reads every record for these fields alone)."""
+    rec = check_snapshot(unpack(raw))
+    st = rec.get("st")
+    return (rec["fp"], rec["tier"], rec["n"], rec["ext"], BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
+            bool(rec.get("trim")), _created(rec))
+
+
+def check_snapshot(rec):
+    """``rec`` (a decoded map) if it has the shape ``put`` writes; ``CorruptSnapshot`` otherwise."""
     get = rec.get
-    n, tok, ext, st, links, endl = get("n"), get("tok"), get("ext"), get("st"), get("links", b""), get("endl")
-    extents = _extents(ext)
+    n, tok, st, links, endl = get("n"), get("tok"), get("st"), get("links", b""), get("endl")
     if not (
         get("v") == FORMAT_VERSION and isinstance(get("fp"), str) and isinstance(get("tier"), str)
         and type(n) is int and n >= 1 and isinstance(tok, bytes) and len(tok) == 4 * n
-        and isinstance(get("lay"), list) and isinstance(get("sid"), str) and extents is not None
+        and isinstance(get("lay"), list) and isinstance(get("sid"), str) and _extents_ok(get("ext"))
         and (st is None or (isinstance(st, list) and len(st) == 3 and is_id(st[0]) and _int(st[1])
                             and type(st[2]) is int))
         and isinstance(links, bytes) and len(links) % KEY_BYTES == 0
         and isinstance(endl, bytes) and len(endl) == KEY_BYTES
     ):
         raise CorruptSnapshot("malformed snapshot record")
-    own, created = get("own", 0), get("t", 0.0)
-    return Snapshot(
-        rec["fp"], rec["tier"], n, tok, rec["lay"], rec["sid"], extents, BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
-        bool(get("trim")), own if type(own) is int else 0, float(created) if type(created) in (int, float) else 0.0,
-        bool(get("ten")), links, endl,
-    )
+    return rec
 
 
-def _extents(ext):
-    """The ``Extent`` list of a record's ``ext`` field, or ``None`` unless each is ``[16-byte id, rows >= 1]``."""
+def _extents_ok(ext):
+    """True if a record's ``ext`` field is a list of ``[16-byte id, rows >= 1]``."""
     if not isinstance(ext, list):
-        return None
-    out = []
+        return False
     for e in ext:
         if not (isinstance(e, list) and len(e) == 2):
-            return None
+            return False
         seg, rows = e
         if not (isinstance(seg, bytes) and len(seg) == KEY_BYTES and type(rows) is int and rows >= 1):
-            return None
-        out.append(Extent(bytes(seg), rows))
-    return out
+            return False
+    return True
+
+
+def _created(rec):
+    t = rec.get("t", 0.0)
+    return float(t) if type(t) in (int, float) else 0.0
 
 
 def encode_segment(s):
