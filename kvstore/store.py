@@ -32,7 +32,7 @@ from .keys import ChainCache, as_tokens, namespace
 from .loader import load
 from .maintenance.policy import PrunePolicy
 from .quarantine import Repairs
-from .matching import DedupBase, dedup_base, plan_fetch
+from .matching import DecodedRecords, DedupBase, dedup_base, plan_fetch
 from .records import FORMAT_VERSION, TIERS, Extent, Model, Segment, Snapshot, decode_model, decode_snapshot, unpack
 from .reports import Match, Problem, RemoteMatch, SnapshotInfo
 from .transactions import SegmentGone, add_snapshot, check_layout, remove_snapshot
@@ -96,6 +96,7 @@ class SnapshotStore:
         self._count_lock = threading.Lock()
         self._bad = {}
         self._chains = ChainCache()
+        self._decoded = DecodedRecords()
         self.remote = None  # a kvstore.remote.RemoteTier (see kvstore.remote.attach)
         self.access = AccessLog(self.index, access_flush, self._fault)
         # snapshots that fail to load are checked (and quarantined) off the request's way
@@ -320,7 +321,7 @@ class SnapshotStore:
         now = time.monotonic()
         with self.index.read() as r:
             found = plan_fetch(r, chain, fp, skip=lambda key: now - self._bad.get(key, -1e9) < BAD_TTL,
-                               min_tokens=min_tokens)
+                               min_tokens=min_tokens, decoded=self._decoded)
         for key, exc in found.corrupt:
             self._fault("fetch", exc, key.hex())
             self._failed(key)
