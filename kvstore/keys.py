@@ -68,6 +68,16 @@ def _any_sequence(tokens):
     return arr
 
 
+def shared_prefix(a, b, limit=None):
+    """How many leading tokens two token arrays share (at most ``limit``)."""
+    m = min(len(a), len(b), len(a) if limit is None else limit)
+    if m <= 0:
+        return 0
+    diff = a[:m] != b[:m]
+    first = int(diff.argmax())  # the first True, or 0 when there is none
+    return first if diff[first] else m
+
+
 def tenant_salt(tenant):
     """The 32-byte key a tenant's namespace is derived with (``None``: no tenant).
 
@@ -200,9 +210,7 @@ class ChainCache:
         with self._lock:
             cands = [(cid, c) for (r, b, cid), c in self._chains.items() if r == root and b == block]
         for cid, c in cands:
-            m = min(len(c.tokens), len(tokens))
-            diff = np.flatnonzero(c.tokens[:m] != tokens[:m])
-            k = (int(diff[0]) if diff.size else m) // block
+            k = shared_prefix(c.tokens, tokens) // block
             if k > best_k:
                 best, best_k, best_id = c, k, cid
         chain = TokenChain(root, tokens, block, best.links.computed(best_k) if best is not None else None)

@@ -17,9 +17,8 @@ LMDB, no MLX.
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import CorruptSnapshot
+from .keys import shared_prefix
 from .records import FORMAT_VERSION, Extent, Snapshot, decode_snapshot, snapshot_from, unpack
 
 MAX_CANDIDATES = 16
@@ -148,13 +147,7 @@ def deepest_link(reader, chain, limit, known=0):
 
 def common_prefix(record, toks, limit):
     """How many leading tokens of ``toks`` (at most ``limit``) the record holds."""
-    other = record.token_ids()
-    m = min(len(other), len(toks), limit)
-    if m <= 0:
-        return 0
-    diff = other[:m] != toks[:m]
-    first = int(diff.argmax())  # the first True, or 0 when there is none
-    return first if diff[first] else m
+    return shared_prefix(record.token_ids(), toks, limit)
 
 
 def plan_fetch(reader, chain, fingerprint, skip=None, min_tokens=0, decoded=None):
