@@ -14,7 +14,7 @@ import contextlib
 import gc
 
 from .errors import CorruptSnapshot
-from .records import TIERS, Model, decode_access, decode_model, decode_segment, snapshot_summary
+from .records import TIERS, Model, decode_access, decode_model, segment_size, snapshot_summary
 from .reports import SnapshotInfo
 
 
@@ -55,10 +55,10 @@ def _segment_sizes(r):
     out = {}
     for sid, raw in r.segments():
         try:
-            seg = decode_segment(raw)
+            size, refs = segment_size(raw)
         except CorruptSnapshot:
             continue
-        out[sid] = (seg.size, max(seg.refs, 1), sid.hex())
+        out[sid] = (size, max(refs, 1), sid.hex())
     return out
 
 

@@ -237,6 +237,16 @@ def decode_segment(raw):
     return segment_from(unpack(raw, "segment record"))
 
 
+def segment_size(raw):
+    """``(size, refs)`` of a segment record, validated as ``decode_segment`` (for listings)."""
+    rec = unpack(raw, "segment record")
+    at, size, refs = rec.get("at"), rec.get("size"), rec.get("refs")
+    if not (isinstance(rec.get("fp"), str) and _int(rec.get("rows"), 1) and _int(size)
+            and type(rec.get("hs")) is int and type(refs) is int and (at is None or type(at) is int)):
+        raise CorruptSnapshot("malformed segment record")
+    return size, refs
+
+
 def segment_from(rec, refs=None):
     """A ``Segment`` from a decoded map: an index record, or (with ``refs``
     given) an archive's segment entry, which carries no reference count."""
