@@ -492,7 +492,7 @@ class SnapshotStore:
             out, doomed = [], []
             start = time.monotonic()
             for n, kb in enumerate(kbs):
-                if n >= DELETE_BATCH and n % 64 == 0 and time.monotonic() - start > DELETE_HOLD:
+                if n >= DELETE_BATCH and (n - DELETE_BATCH) % 64 == 0 and time.monotonic() - start > DELETE_HOLD:
                     break
                 if max_bytes is not None and w.counter("bytes") <= max_bytes:
                     return out, doomed, True
