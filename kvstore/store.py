@@ -30,6 +30,7 @@ from .backends.local import LocalFolder
 from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable
 from .keys import ChainCache, as_tokens, namespace
 from .loader import load
+from .maintenance.deleting import DELETE_MAX, remove_run, unlink_all
 from .maintenance.policy import PrunePolicy
 from .quarantine import Repairs
 from .matching import DecodedRecords, DedupBase, dedup_base, plan_fetch
@@ -45,12 +46,6 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 BAD_TTL = 60.0
 # seconds a put waits for the checks of snapshots that failed to load (it runs off the request's way)
 REPAIR_WAIT = 30.0
-# snapshots deleted in one index transaction by prune and the budget: at least DELETE_BATCH,
-# then more while the transaction has run less than DELETE_HOLD seconds (each commit is one
-# fsync, and the write lock is held meanwhile), at most DELETE_MAX
-DELETE_BATCH = 256
-DELETE_HOLD = 0.25
-DELETE_MAX = 16384
 # loading faults: anything a damaged record or blob can make the restore path raise
 LOAD_FAULTS = (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError,
                OverflowError, MemoryError, RuntimeError)
@@ -149,8 +144,7 @@ class SnapshotStore:
         self.access.flush()
 
     def _unlink(self, blob_ids):
-        for blob_id in blob_ids:
-            self.blobs.unlink(blob_id)
+        unlink_all(self.blobs, blob_ids)
 
     # -------------------------------------------------------------------- put
     def put(self, fp, tokens, cache, tier="system", *, tenant=None):
@@ -457,9 +451,9 @@ class SnapshotStore:
         """Delete ``plan`` (``SnapshotInfo``\\ s) in order, stopping once the
         store holds at most ``max_bytes``; return ``(count, bytes freed)``.
 
-        Snapshots are deleted in batches of one transaction each (one commit,
-        one fsync; at least ``DELETE_BATCH``, more while the transaction is
-        short), their unused blobs removed after each commit.
+        Snapshots are deleted in runs of one transaction each (one commit, one
+        fsync; sized as ``maintenance.deleting`` says), their unused blobs
+        removed after each commit.
         """
         count = freed = i = 0
         keys = [bytes.fromhex(e.key) for e in plan]
@@ -483,29 +477,9 @@ class SnapshotStore:
         return count, freed
 
     def _remove_batch(self, kbs, max_bytes=None):
-        """Delete a leading run of ``kbs`` in one transaction (all of the first
-        ``DELETE_BATCH``, then more until ``DELETE_HOLD`` seconds have passed),
-        stopping once the store fits ``max_bytes``; return ``([bytes freed or
-        None per key handled], stopped early)``."""
-
-        def tx(w):
-            out, doomed = [], []
-            start = time.monotonic()
-            for n, kb in enumerate(kbs):
-                if n >= DELETE_BATCH and (n - DELETE_BATCH) % 64 == 0 and time.monotonic() - start > DELETE_HOLD:
-                    break
-                if max_bytes is not None and w.counter("bytes") <= max_bytes:
-                    return out, doomed, True
-                raw = w.snapshot(kb)
-                if raw is None:
-                    out.append(None)
-                    continue
-                blobs, freed = remove_snapshot(w, kb, raw)
-                doomed += blobs
-                out.append(freed)
-            return out, doomed, False
-
-        out, doomed, stop = self.index.write(tx)
+        """Delete a leading run of ``kbs`` in one transaction (``deleting.remove_run``);
+        return ``([bytes freed or None per key handled], stopped early)``."""
+        out, doomed, stop = self.index.write(lambda w: remove_run(w, kbs, max_bytes))
         self._unlink(doomed)
         for kb, got in zip(kbs, out):
             if got is not None:

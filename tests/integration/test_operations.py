@@ -272,10 +272,10 @@ def _commits(store):
 def test_prune_deletes_in_transactions_that_grow_while_they_are_short(tmp_path, monkeypatch, hold, batches):
     """At least DELETE_BATCH snapshots go in each transaction; more while it has run under
     DELETE_HOLD seconds (each commit is an fsync): the same snapshots go either way."""
-    from kvstore import store as store_module
+    from kvstore.maintenance import deleting
 
-    monkeypatch.setattr(store_module, "DELETE_BATCH", 2)
-    monkeypatch.setattr(store_module, "DELETE_HOLD", hold)
+    monkeypatch.setattr(deleting, "DELETE_BATCH", 2)
+    monkeypatch.setattr(deleting, "DELETE_HOLD", hold)
     store = seed_store(tmp_path / "s")
     before = {e.key for e in store.entries()}
     plan = store.plan_prune(tier=["assistant", "user"])
@@ -290,9 +290,9 @@ def test_prune_deletes_in_transactions_that_grow_while_they_are_short(tmp_path, 
 
 
 def test_prune_with_a_size_limit_stops_inside_a_large_transaction(tmp_path, monkeypatch):
-    from kvstore import store as store_module
+    from kvstore.maintenance import deleting
 
-    monkeypatch.setattr(store_module, "DELETE_HOLD", 60.0)
+    monkeypatch.setattr(deleting, "DELETE_HOLD", 60.0)
     store = seed_store(tmp_path / "s")
     total = store.total_bytes()
     count, _freed = store.prune(max_bytes=total - 1)
@@ -321,4 +321,18 @@ def test_lookups_reuse_decoded_records_only_while_the_index_holds_the_same_bytes
     again = store.lookup(FP, request)
     assert (again.key, again.tier) == (first.key, "assistant")
     other.close()
+    store.close()
+
+
+def test_many_blobs_are_unlinked_from_several_threads_and_none_is_left(tmp_path):
+    from kvstore.blobs import new_id
+    from kvstore.maintenance import deleting
+
+    store = kvstore.SnapshotStore(tmp_path / "s", fsync=False)
+    ids = [new_id() for _ in range(3 * deleting.UNLINK_PARALLEL)]
+    for blob_id in ids:
+        store.blobs.write_bytes(blob_id, b"x" * 100)
+    assert all(store.blobs.exists(b) for b in ids)
+    deleting.unlink_all(store.blobs, ids[:-1] + [new_id()])  # one that is not there: no error
+    assert [b for b in ids if store.blobs.exists(b)] == ids[-1:]
     store.close()
