@@ -172,6 +172,8 @@ def main(argv=None):
     p = C.mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--snapshots", type=int, help="store size (default: by mode)")
     p.add_argument("--builder", help=argparse.SUPPRESS)
+    p.add_argument("--keep-store", metavar="DIR",
+                   help="copy the built store to DIR (which must not exist) before the commands change it")
     args = p.parse_args(argv)
     if args.builder:
         return builder(json.loads(Path(args.builder).read_text()))
@@ -258,6 +260,9 @@ def main(argv=None):
         }
         store.close()
         log(f"scale: {referenced} tokens referenced, {seg_rows} rows stored, {distinct} distinct")
+        if args.keep_store:
+            shutil.copytree(store_path, args.keep_store, symlinks=True)
+            log(f"scale: kept a copy of the store in {args.keep_store}")
         # the admin commands, as a user runs them
         st = ["--store", str(store_path)]
         cmds = {}

@@ -9,10 +9,12 @@ that only read open the store read-only, and no command but ``import``
 creates a store.
 """
 
+import contextlib
 import os
 import sys
 
 from kvstore import KVStoreError
+from kvstore.listing import gc_paused
 
 from . import fmt
 from .common import Fail, settle
@@ -21,6 +23,8 @@ from .listing import _glue_sort, cmd_ls, cmd_stats, ls_args, stats_args
 from .main import Parser, global_options
 from .transfer import cmd_export, cmd_import, cmd_verify, export_args, import_args, verify_args
 
+# commands that hold a listing of every snapshot: they build many objects and no cycles
+LISTING = ("ls", "stats", "rm", "prune")
 ADMIN = {
     "ls": (ls_args, cmd_ls),
     "stats": (stats_args, cmd_stats),
@@ -45,7 +49,8 @@ def main(command, argv, store_dir, output="human", quiet=False):
     add_args(parser)
     args = settle(parser.parse_args(_glue_sort(argv)), store_dir, output, quiet)
     try:
-        return run(args)
+        with gc_paused() if command in LISTING else contextlib.nullcontext():
+            return run(args)
     except Fail as exc:
         fmt.error(str(exc))
         return exc.code

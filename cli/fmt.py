@@ -49,12 +49,10 @@ def iso(t):
 
 def table(rows, headers, right=()):
     """Rows of strings as aligned columns; columns named in ``right`` align right."""
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    out = []
-    for r in [headers] + rows:
-        cells = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(r, widths, headers)]
-        out.append("  ".join(cells).rstrip())
-    return "\n".join(out)
+    cols = list(zip(*rows)) if rows else [()] * len(headers)
+    widths = [max(len(h), max(map(len, c), default=0)) for h, c in zip(headers, cols)]
+    line = "  ".join(f"{{:{'>' if h in right else '<'}{w}}}" for h, w in zip(headers, widths)).format
+    return "\n".join([line(*r).rstrip() for r in [headers] + rows])
 
 
 def error(msg):

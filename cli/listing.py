@@ -124,6 +124,8 @@ def _glue_sort(argv):
 def ordered(entries, field, descending):
     """Entries sorted by ``field``; ties in model, tier (system first), tokens order."""
     out = sorted(entries, key=lambda e: (e.model, e.fingerprint, -TIER_RANK.get(e.tier, -1), e.tokens, e.key))
+    if field == "model" and not descending:
+        return out  # already in that order
     return sorted(out, key=SORTS[field], reverse=descending)
 
 
@@ -148,14 +150,31 @@ COLUMNS = ("SIZE is everything a snapshot reads (fixed for its life) = OWN (byte
 def render(entries, texts=None, frees=None):
     """Entries as an aligned table for people (``frees``: a FREES column, bytes by key)."""
     now = time.time()
+    size, age = _Memo(fmt.size), _Memo(fmt.ago)  # few distinct values: each formatted once
     rows = []
     for e in entries:
-        r = [e.key[:SHORT_KEY], e.model, e.tier, str(e.tokens), fmt.size(e.bytes), fmt.size(e.unique_bytes),
-             fmt.size(e.shared_bytes), str(e.hits), fmt.ago(now - e.accessed) + " ago", fmt.ago(now - e.created)]
-        r += [fmt.size(frees[e.key])] if frees is not None else []
+        try:  # an age shows whole seconds or coarser: its text depends on int(seconds) alone
+            ages = age[int(now - e.accessed)] + " ago", age[int(now - e.created)]
+        except (OverflowError, ValueError):  # inf or nan from a damaged record
+            ages = fmt.ago(now - e.accessed) + " ago", fmt.ago(now - e.created)
+        r = [e.key[:SHORT_KEY], e.model, e.tier, str(e.tokens), size[e.bytes], size[e.unique_bytes],
+             size[e.shared_bytes], str(e.hits), *ages]
+        r += [size[frees[e.key]]] if frees is not None else []
         rows.append(r + ([texts[e.key]] if texts is not None else []))
     headers = HEADERS + (["FREES"] if frees is not None else []) + (["TEXT"] if texts is not None else [])
     return fmt.table(rows, headers, right=RIGHT)
+
+
+class _Memo(dict):
+    """``memo[x]``: ``fn(x)``, computed once per distinct ``x``."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def __missing__(self, x):
+        got = self[x] = self.fn(x)
+        return got
 
 
 def total_line(entries, store_bytes, everything):

@@ -20,7 +20,6 @@ import os
 import re
 import struct
 import threading
-from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -176,6 +175,8 @@ def model_name(path):
 
 
 def _mlx_lm_version():
+    from importlib import metadata  # here: the admin commands never need it, and it is slow to import
+
     try:
         return metadata.version("mlx-lm")
     except metadata.PackageNotFoundError:

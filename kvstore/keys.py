@@ -7,8 +7,8 @@ keyed by the last full-block link. Hashes only find candidates: stored tokens
 are compared on every hit. This module never touches disk.
 """
 
-import array
 import hashlib
+import struct
 import sys
 import threading
 from collections import OrderedDict
@@ -45,11 +45,12 @@ def as_tokens(tokens, vocab_size=None):
 def _fast_list(tokens):
     """A list of Python ints as an int32 array in one C pass (``None``: take the general path,
     which says precisely what is wrong)."""
-    if array.array("i").itemsize != 4 or (tokens and type(tokens[0]) is bool):
+    if tokens and type(tokens[0]) is bool:
         return None
     try:
-        return np.frombuffer(array.array("i", tokens), dtype=np.int32)
-    except (TypeError, OverflowError):
+        # struct converts and range-checks each int faster than array.array or numpy do
+        return np.frombuffer(struct.pack(f"<{len(tokens)}i", *tokens), dtype="<i4")
+    except (struct.error, TypeError, OverflowError):
         return None
 
 
@@ -65,6 +66,16 @@ def _any_sequence(tokens):
     if arr.size and arr.dtype.kind not in "iu":
         raise InvalidInput(f"tokens must be integers, got {arr.dtype}")
     return arr
+
+
+def shared_prefix(a, b, limit=None):
+    """How many leading tokens two token arrays share (at most ``limit``)."""
+    m = min(len(a), len(b), len(a) if limit is None else limit)
+    if m <= 0:
+        return 0
+    diff = a[:m] != b[:m]
+    first = int(diff.argmax())  # the first True, or 0 when there is none
+    return first if diff[first] else m
 
 
 def tenant_salt(tenant):
@@ -199,9 +210,7 @@ class ChainCache:
         with self._lock:
             cands = [(cid, c) for (r, b, cid), c in self._chains.items() if r == root and b == block]
         for cid, c in cands:
-            m = min(len(c.tokens), len(tokens))
-            diff = np.flatnonzero(c.tokens[:m] != tokens[:m])
-            k = (int(diff[0]) if diff.size else m) // block
+            k = shared_prefix(c.tokens, tokens) // block
             if k > best_k:
                 best, best_k, best_id = c, k, cid
         chain = TokenChain(root, tokens, block, best.links.computed(best_k) if best is not None else None)

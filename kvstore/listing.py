@@ -10,40 +10,55 @@ of every snapshot plus each shared segment once is the store's total.
 totals by model or tier add up to the store's bytes too.
 """
 
+import contextlib
+import gc
+
 from .errors import CorruptSnapshot
-from .records import TIERS, Model, decode_access, decode_model, decode_segment, decode_snapshot
+from .records import TIERS, Model, decode_access, decode_model, segment_size, snapshot_summary
 from .reports import SnapshotInfo
 
 
 def entries(index, fingerprint=None, tier=None):
     """Every snapshot as a ``SnapshotInfo``; a damaged record is listed with ``?`` fields."""
     out, names = [], {}
-    with index.read() as r:
+    with index.read() as r, gc_paused():
         segs = _segment_sizes(r)
         for k, raw in r.snapshots():
             try:
-                snap = decode_snapshot(raw)
+                snap = snapshot_summary(raw)
             except CorruptSnapshot:
                 out.append(SnapshotInfo(k.hex(), "?", "?", "?", 0, 0, 0, 0.0, 0.0, 0, False))
                 continue
-            if (fingerprint is not None and snap.fingerprint != str(fingerprint)) or \
-                    (tier is not None and snap.tier != tier):
+            fp = snap[0]
+            if (fingerprint is not None and fp != str(fingerprint)) or (tier is not None and snap[1] != tier):
                 continue
-            if snap.fingerprint not in names:
-                names[snap.fingerprint] = _model_name(r, snap.fingerprint)
-            out.append(_info(r, k, snap, names[snap.fingerprint], segs))
+            if fp not in names:
+                names[fp] = _model_name(r, fp)
+            out.append(_info(r, k, snap, names[fp], segs))
     return out
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector (a listing builds many objects and no cycles)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _segment_sizes(r):
-    """``{segment id: (size, users)}`` of every well-formed segment record, read in one pass."""
+    """``{segment id: (size, users, hex id)}`` of every well-formed segment record, read in one pass."""
     out = {}
     for sid, raw in r.segments():
         try:
-            seg = decode_segment(raw)
+            size, refs = segment_size(raw)
         except CorruptSnapshot:
             continue
-        out[sid] = (seg.size, max(seg.refs, 1))
+        out[sid] = (size, max(refs, 1), sid.hex())
     return out
 
 
@@ -87,32 +102,30 @@ def _model_name(r, fingerprint):
 
 
 def _info(r, k, snap, name, segs):
-    """The ``SnapshotInfo`` of one decoded record, sizes from its segment records."""
+    """The ``SnapshotInfo`` of one record (``snapshot_summary``), sizes from its segment records."""
+    fp, tier, n, extents, state, trimmable, created = snap
     size = split = own = 0
     sizes, shared = {}, []
-    for e in snap.extents:
-        seg_size, refs = segs.get(e.segment, (0, 1))
-        sizes[e.segment.hex()] = seg_size
+    for seg, _rows in extents:
+        got = segs.get(seg)
+        seg_size, refs, hexid = got if got is not None else (0, 1, seg.hex())
+        sizes[hexid] = seg_size
         size += seg_size
         split += seg_size // refs
         if refs <= 1:
             own += seg_size
         else:
-            shared.append(e.segment.hex())
-    if snap.state:
-        sizes[snap.state.blob.hex()] = snap.state.size
-        size += snap.state.size
-        split += snap.state.size
-        own += snap.state.size
+            shared.append(hexid)
+    if state:
+        sizes[state.blob.hex()] = state.size
+        size += state.size
+        split += state.size
+        own += state.size
     acc_raw = r.access(k)
     acc = decode_access(acc_raw) if acc_raw is not None else None
-    accessed = acc.accessed if acc is not None and acc.accessed else snap.created
-    return SnapshotInfo(
-        key=k.hex(), fingerprint=snap.fingerprint, model=name, tier=snap.tier, tokens=snap.n_tokens, bytes=size,
-        shared_bytes=size - own, unique_bytes=own, created=snap.created, accessed=accessed,
-        hits=acc.hits if acc is not None else 0, trimmable=snap.trimmable, blobs=list(sizes), blob_bytes=sizes,
-        split_bytes=split, shared_blobs=shared,
-    )
+    accessed = acc.accessed if acc is not None and acc.accessed else created
+    return SnapshotInfo(k.hex(), fp, name, tier, n, size, size - own, created, accessed,
+                        acc.hits if acc is not None else 0, trimmable, list(sizes), own, sizes, split, shared)
 
 
 def footprint(listed):
@@ -120,8 +133,5 @@ def footprint(listed):
     blob that several of them (or others) read counted once. For every snapshot of a
     store, own + shared is the store's total bytes."""
     own = sum(e.unique_bytes for e in listed)
-    shared = {}
-    for e in listed:
-        for b in e.shared_blobs:
-            shared[b] = e.blob_bytes.get(b, 0)
+    shared = {b: e.blob_bytes.get(b, 0) for e in listed for b in e.shared_blobs}
     return own, sum(shared.values()), len(shared)

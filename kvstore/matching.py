@@ -14,11 +14,11 @@ used. This module reads an ``IndexReader`` and nothing else: no files, no
 LMDB, no MLX.
 """
 
+import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import CorruptSnapshot
+from .keys import shared_prefix
 from .records import FORMAT_VERSION, Extent, Snapshot, decode_snapshot, snapshot_from, unpack
 
 MAX_CANDIDATES = 16
@@ -58,11 +58,36 @@ class DedupBase:
     tokens: int = 0
 
 
+class DecodedRecords:
+    """Snapshot records decoded by recent lookups, reused while their bytes are the same.
+
+    Each entry keeps the raw record it was decoded from and is used only when
+    the index still holds exactly those bytes (a key deleted and stored again
+    is decoded afresh). Holds at most ``size`` records. Thread-safe.
+    """
+
+    def __init__(self, size=64):
+        self.size = size
+        self._map = {}  # key -> (raw, Snapshot), oldest first
+        self._lock = threading.Lock()
+
+    def get(self, key, raw):
+        hit = self._map.get(key)
+        return hit[1] if hit is not None and hit[0] == raw else None
+
+    def put(self, key, raw, rec):
+        with self._lock:
+            self._map.pop(key, None)
+            while len(self._map) >= self.size:
+                self._map.pop(next(iter(self._map)))
+            self._map[key] = (raw, rec)
+
+
 class _Records:
     """Records of one model read through one view; damaged ones noted, never raised."""
 
-    def __init__(self, reader, fingerprint, skip):
-        self.reader, self.fp, self.skip = reader, str(fingerprint), skip
+    def __init__(self, reader, fingerprint, skip, decoded=None):
+        self.reader, self.fp, self.skip, self.decoded = reader, str(fingerprint), skip, decoded
         self.corrupt = []
         self._seen = {}
 
@@ -77,14 +102,21 @@ class _Records:
         raw = self.reader.snapshot(key)
         if raw is None:
             return None
+        if self.decoded is not None:
+            rec = self.decoded.get(key, raw)
+            if rec is not None:
+                return rec if rec.fingerprint == self.fp else None
         try:
             rec = unpack(raw)
             if rec.get("v") != FORMAT_VERSION or rec.get("fp") != self.fp:
                 return None  # another model's or another version's: not ours, not damaged
-            return snapshot_from(rec)
+            rec = snapshot_from(rec)
         except CorruptSnapshot as exc:
             self.corrupt.append((key, exc))
             return None
+        if self.decoded is not None:
+            self.decoded.put(key, raw, rec)
+        return rec
 
 
 def deepest_link(reader, chain, limit, known=0):
@@ -115,13 +147,10 @@ def deepest_link(reader, chain, limit, known=0):
 
 def common_prefix(record, toks, limit):
     """How many leading tokens of ``toks`` (at most ``limit``) the record holds."""
-    other = record.token_ids()
-    m = min(len(other), len(toks), limit)
-    diff = np.flatnonzero(other[:m] != toks[:m])
-    return int(diff[0]) if diff.size else m
+    return shared_prefix(record.token_ids(), toks, limit)
 
 
-def plan_fetch(reader, chain, fingerprint, skip=None, min_tokens=0):
+def plan_fetch(reader, chain, fingerprint, skip=None, min_tokens=0, decoded=None):
     """The safe ``Plan``\\ s for ``chain``'s tokens that serve more than
     ``min_tokens`` tokens, best first (most tokens; on a tie an exact-length
     checkpoint), at most ``MAX_PLANS``.
@@ -130,9 +159,10 @@ def plan_fetch(reader, chain, fingerprint, skip=None, min_tokens=0):
     that just failed to load). With ``min_tokens`` (what the caller already
     holds), blocks that cannot beat it are not read: any snapshot sharing
     more than ``min_tokens`` tokens passes through the link of block
-    ``(min_tokens + 1) // block``.
+    ``(min_tokens + 1) // block``. ``decoded`` (a ``DecodedRecords``) reuses
+    the records recent calls decoded while the index holds the same bytes.
     """
-    records = _Records(reader, fingerprint, skip)
+    records = _Records(reader, fingerprint, skip, decoded)
     m, block, toks = len(chain), chain.block, chain.tokens
     floor = (min_tokens + 1) // block
     if m < 2 or min_tokens >= m - 1 or (floor >= 1 and not reader.passes_through(chain.links[floor])):
@@ -175,10 +205,16 @@ def _longer(records, reader, chain, k):
 def _shorter(records, reader, chain, k, floor=0):
     """The longest stored snapshot that is a strict prefix of the request (ending at level ``floor`` or deeper)."""
     m, block = len(chain), chain.block
+    keys = {}  # several snapshots often end at one length: hash the request's key of each length once
     for level in range(min(k, (m - 1) // block), floor - 1, -1):  # deepest first
         found = None
         for n, key in reader.ends_at(chain.links[level], None):
-            if n >= m or n == 0 or chain.key(n) != key:
+            if n >= m or n == 0:
+                continue
+            mine = keys.get(n)
+            if mine is None:
+                mine = keys[n] = chain.key(n)
+            if mine != key:
                 continue
             rec = records.get(key)
             if rec is not None and rec.n_tokens == n and rec.same_tokens(chain.tokens, n):

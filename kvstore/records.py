@@ -10,6 +10,7 @@ never change without a new version. This module does no I/O.
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
@@ -52,8 +53,7 @@ def _int(x, lo=0):
 
 
 # ------------------------------------------------------------------ records
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     """``rows`` rows of the shared segment ``segment`` (positional KV of consecutive tokens)."""
 
     segment: bytes
@@ -169,28 +169,59 @@ def decode_snapshot(raw):
 
 def snapshot_from(rec):
     """A ``Snapshot`` from a decoded record map (validated as ``decode_snapshot``)."""
-    n = rec.get("n")
-    tok, ext, st, links = rec.get("tok"), rec.get("ext"), rec.get("st"), rec.get("links", b"")
-    ok = (
-        rec.get("v") == FORMAT_VERSION and isinstance(rec.get("fp"), str) and isinstance(rec.get("tier"), str)
-        and _int(n, 1) and isinstance(tok, bytes) and len(tok) == 4 * n
-        and isinstance(rec.get("lay"), list) and isinstance(rec.get("sid"), str)
-        and isinstance(ext, list)
-        and all(isinstance(e, list) and len(e) == 2 and is_id(e[0]) and _int(e[1], 1) for e in ext)
+    check_snapshot(rec)
+    get, st = rec.get, rec.get("st")
+    own = get("own", 0)
+    return Snapshot(
+        rec["fp"], rec["tier"], rec["n"], rec["tok"], rec["lay"], rec["sid"], [Extent(bytes(s), r) for s, r in rec["ext"]],
+        BlobRef(bytes(st[0]), st[1], st[2]) if st else None, bool(get("trim")), own if type(own) is int else 0,
+        _created(rec), bool(get("ten")), get("links", b""), rec["endl"],
+    )
+
+
+def snapshot_summary(raw):
+    """``(fingerprint, tier, n_tokens, [[segment, rows], ...], state BlobRef or None, trimmable, created)``
+    of a snapshot record, validated as ``decode_snapshot`` but without building a ``Snapshot``
+    (a listing reads every record for these fields alone)."""
+    rec = check_snapshot(unpack(raw))
+    st = rec.get("st")
+    return (rec["fp"], rec["tier"], rec["n"], rec["ext"], BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
+            bool(rec.get("trim")), _created(rec))
+
+
+def check_snapshot(rec):
+    """``rec`` (a decoded map) if it has the shape ``put`` writes; ``CorruptSnapshot`` otherwise."""
+    get = rec.get
+    n, tok, st, links, endl = get("n"), get("tok"), get("st"), get("links", b""), get("endl")
+    if not (
+        get("v") == FORMAT_VERSION and isinstance(get("fp"), str) and isinstance(get("tier"), str)
+        and type(n) is int and n >= 1 and isinstance(tok, bytes) and len(tok) == 4 * n
+        and isinstance(get("lay"), list) and isinstance(get("sid"), str) and _extents_ok(get("ext"))
         and (st is None or (isinstance(st, list) and len(st) == 3 and is_id(st[0]) and _int(st[1])
                             and type(st[2]) is int))
-        and isinstance(links, bytes) and len(links) % KEY_BYTES == 0 and is_id(rec.get("endl"))
-    )
-    if not ok:
+        and isinstance(links, bytes) and len(links) % KEY_BYTES == 0
+        and isinstance(endl, bytes) and len(endl) == KEY_BYTES
+    ):
         raise CorruptSnapshot("malformed snapshot record")
-    own, created = rec.get("own", 0), rec.get("t", 0.0)
-    return Snapshot(
-        fingerprint=rec["fp"], tier=rec["tier"], n_tokens=n, tokens=tok, layout=rec["lay"], layout_id=rec["sid"],
-        extents=[Extent(bytes(e[0]), e[1]) for e in ext], state=BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
-        trimmable=bool(rec.get("trim")), own_bytes=own if type(own) is int else 0,
-        created=float(created) if type(created) in (int, float) else 0.0, tenanted=bool(rec.get("ten")),
-        links=links, end_link=rec["endl"],
-    )
+    return rec
+
+
+def _extents_ok(ext):
+    """True if a record's ``ext`` field is a list of ``[16-byte id, rows >= 1]``."""
+    if not isinstance(ext, list):
+        return False
+    for e in ext:
+        if not (isinstance(e, list) and len(e) == 2):
+            return False
+        seg, rows = e
+        if not (isinstance(seg, bytes) and len(seg) == KEY_BYTES and type(rows) is int and rows >= 1):
+            return False
+    return True
+
+
+def _created(rec):
+    t = rec.get("t", 0.0)
+    return float(t) if type(t) in (int, float) else 0.0
 
 
 def encode_segment(s):
@@ -204,6 +235,16 @@ def encode_segment(s):
 def decode_segment(raw):
     """The ``Segment`` in ``raw``; ``CorruptSnapshot`` unless well formed."""
     return segment_from(unpack(raw, "segment record"))
+
+
+def segment_size(raw):
+    """``(size, refs)`` of a segment record, validated as ``decode_segment`` (for listings)."""
+    rec = unpack(raw, "segment record")
+    at, size, refs = rec.get("at"), rec.get("size"), rec.get("refs")
+    if not (isinstance(rec.get("fp"), str) and _int(rec.get("rows"), 1) and _int(size)
+            and type(rec.get("hs")) is int and type(refs) is int and (at is None or type(at) is int)):
+        raise CorruptSnapshot("malformed segment record")
+    return size, refs
 
 
 def segment_from(rec, refs=None):

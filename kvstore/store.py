@@ -30,9 +30,10 @@ from .backends.local import LocalFolder
 from .errors import CorruptSnapshot, InvalidInput, KVStoreError, StoreUnavailable
 from .keys import ChainCache, as_tokens, namespace
 from .loader import load
+from .maintenance.deleting import DELETE_MAX, remove_run, unlink_all
 from .maintenance.policy import PrunePolicy
 from .quarantine import Repairs
-from .matching import DedupBase, dedup_base, plan_fetch
+from .matching import DecodedRecords, DedupBase, dedup_base, plan_fetch
 from .records import FORMAT_VERSION, TIERS, Extent, Model, Segment, Snapshot, decode_model, decode_snapshot, unpack
 from .reports import Match, Problem, RemoteMatch, SnapshotInfo
 from .transactions import SegmentGone, add_snapshot, check_layout, remove_snapshot
@@ -45,8 +46,6 @@ __all__ = ["FORMAT_VERSION", "Match", "Problem", "SnapshotInfo", "SnapshotStore"
 BAD_TTL = 60.0
 # seconds a put waits for the checks of snapshots that failed to load (it runs off the request's way)
 REPAIR_WAIT = 30.0
-# snapshots deleted in one index transaction by prune and the budget
-DELETE_BATCH = 256
 # loading faults: anything a damaged record or blob can make the restore path raise
 LOAD_FAULTS = (CorruptSnapshot, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError,
                OverflowError, MemoryError, RuntimeError)
@@ -92,6 +91,7 @@ class SnapshotStore:
         self._count_lock = threading.Lock()
         self._bad = {}
         self._chains = ChainCache()
+        self._decoded = DecodedRecords()
         self.remote = None  # a kvstore.remote.RemoteTier (see kvstore.remote.attach)
         self.access = AccessLog(self.index, access_flush, self._fault)
         # snapshots that fail to load are checked (and quarantined) off the request's way
@@ -144,8 +144,7 @@ class SnapshotStore:
         self.access.flush()
 
     def _unlink(self, blob_ids):
-        for blob_id in blob_ids:
-            self.blobs.unlink(blob_id)
+        unlink_all(self.blobs, blob_ids)
 
     # -------------------------------------------------------------------- put
     def put(self, fp, tokens, cache, tier="system", *, tenant=None):
@@ -316,7 +315,7 @@ class SnapshotStore:
         now = time.monotonic()
         with self.index.read() as r:
             found = plan_fetch(r, chain, fp, skip=lambda key: now - self._bad.get(key, -1e9) < BAD_TTL,
-                               min_tokens=min_tokens)
+                               min_tokens=min_tokens, decoded=self._decoded)
         for key, exc in found.corrupt:
             self._fault("fetch", exc, key.hex())
             self._failed(key)
@@ -452,13 +451,16 @@ class SnapshotStore:
         """Delete ``plan`` (``SnapshotInfo``\\ s) in order, stopping once the
         store holds at most ``max_bytes``; return ``(count, bytes freed)``.
 
-        Snapshots are deleted ``DELETE_BATCH`` to a transaction (one commit,
-        one fsync), their unused blobs removed after each commit.
+        Snapshots are deleted in runs of one transaction each (one commit, one
+        fsync; sized as ``maintenance.deleting`` says), their unused blobs
+        removed after each commit.
         """
-        count = freed = 0
-        for i in range(0, len(plan), DELETE_BATCH):
-            batch = plan[i : i + DELETE_BATCH]
-            done, stop = self._remove_batch([bytes.fromhex(e.key) for e in batch], max_bytes)
+        count = freed = i = 0
+        keys = [bytes.fromhex(e.key) for e in plan]
+        while i < len(plan):
+            batch = plan[i : i + DELETE_MAX]
+            done, stop = self._remove_batch(keys[i : i + DELETE_MAX], max_bytes)
+            i += len(done)
             for e, got in zip(batch, done):
                 if got is None:
                     continue
@@ -475,24 +477,9 @@ class SnapshotStore:
         return count, freed
 
     def _remove_batch(self, kbs, max_bytes=None):
-        """Delete ``kbs`` in one transaction (stopping once the store fits ``max_bytes``);
-        return ``([bytes freed or None per key], stopped early)``."""
-
-        def tx(w):
-            out, doomed = [], []
-            for kb in kbs:
-                if max_bytes is not None and w.counter("bytes") <= max_bytes:
-                    return out, doomed, True
-                raw = w.snapshot(kb)
-                if raw is None:
-                    out.append(None)
-                    continue
-                blobs, freed = remove_snapshot(w, kb, raw)
-                doomed += blobs
-                out.append(freed)
-            return out, doomed, False
-
-        out, doomed, stop = self.index.write(tx)
+        """Delete a leading run of ``kbs`` in one transaction (``deleting.remove_run``);
+        return ``([bytes freed or None per key handled], stopped early)``."""
+        out, doomed, stop = self.index.write(lambda w: remove_run(w, kbs, max_bytes))
         self._unlink(doomed)
         for kb, got in zip(kbs, out):
             if got is not None:

@@ -252,3 +252,87 @@ def test_temp_files_of_a_killed_import_are_removed_at_once(tmp_path):
     out = kv("import", archive, store=dest)
     assert out.returncode == 0, out.stderr
     assert sorted(os.listdir(dest / "tmp")) == [alive.name]
+
+
+# ------------------------------------------------------- prune batches
+def _commits(store):
+    """Count the store's index write transactions (a wrapper around the real LMDB index)."""
+    count = [0]
+    write = store.index.write
+
+    def counted(fn):
+        count[0] += 1
+        return write(fn)
+
+    store.index.write = counted
+    return count
+
+
+@pytest.mark.parametrize("hold,batches", [(0.0, 5), (60.0, 1)])
+def test_prune_deletes_in_transactions_that_grow_while_they_are_short(tmp_path, monkeypatch, hold, batches):
+    """At least DELETE_BATCH snapshots go in each transaction; more while it has run under
+    DELETE_HOLD seconds (each commit is an fsync): the same snapshots go either way."""
+    from kvstore.maintenance import deleting
+
+    monkeypatch.setattr(deleting, "DELETE_BATCH", 2)
+    monkeypatch.setattr(deleting, "DELETE_HOLD", hold)
+    store = seed_store(tmp_path / "s")
+    before = {e.key for e in store.entries()}
+    plan = store.plan_prune(tier=["assistant", "user"])
+    assert len(plan) == 10
+    commits = _commits(store)
+    count, freed = store.prune(tier=["assistant", "user"])
+    # one transaction per batch, and one small commit after them (LMDB reuses freed pages from then on)
+    assert (count, commits[0]) == (10, batches + 1)
+    assert {e.key for e in store.entries()} == before - {e.key for e in plan}
+    assert freed > 0 and store.gc(grace=0, dry_run=True) == []
+    store.close()
+
+
+def test_prune_with_a_size_limit_stops_inside_a_large_transaction(tmp_path, monkeypatch):
+    from kvstore.maintenance import deleting
+
+    monkeypatch.setattr(deleting, "DELETE_HOLD", 60.0)
+    store = seed_store(tmp_path / "s")
+    total = store.total_bytes()
+    count, _freed = store.prune(max_bytes=total - 1)
+    assert count >= 1 and store.total_bytes() <= total - 1
+    assert len(store.entries()) == 12 - count and count < 10
+    store.close()
+
+
+# ------------------------------------------------- records reused by lookups
+def test_lookups_reuse_decoded_records_only_while_the_index_holds_the_same_bytes(tmp_path):
+    """A lookup reuses the records earlier lookups decoded; a snapshot deleted and stored
+    again (same key, new record) is read afresh, by this process and by another."""
+    store = kvstore.SnapshotStore(tmp_path / "s", block_tokens=16, fsync=False)
+    system = seed_tokens(1, 64)
+    turn = system + [3001] * 20
+    store.put(FP, system, synthetic_prefix_cache(system), tier="system")
+    store.put(FP, turn, synthetic_prefix_cache(turn), tier="user")
+    request = turn + [5] * 9
+    first = store.lookup(FP, request)
+    assert (first.tokens, first.kind, first.tier) == (len(turn), "shorter", "user")
+    assert store.lookup(FP, request) == first  # served from the decoded records
+    assert store.delete(first.key) > 0
+    assert store.lookup(FP, request).tier == "system"
+    other = kvstore.SnapshotStore(tmp_path / "s", block_tokens=16, fsync=False)  # one environment per process
+    other.put(FP, turn, synthetic_prefix_cache(turn), tier="assistant")
+    again = store.lookup(FP, request)
+    assert (again.key, again.tier) == (first.key, "assistant")
+    other.close()
+    store.close()
+
+
+def test_many_blobs_are_unlinked_from_several_threads_and_none_is_left(tmp_path):
+    from kvstore.blobs import new_id
+    from kvstore.maintenance import deleting
+
+    store = kvstore.SnapshotStore(tmp_path / "s", fsync=False)
+    ids = [new_id() for _ in range(3 * deleting.UNLINK_PARALLEL)]
+    for blob_id in ids:
+        store.blobs.write_bytes(blob_id, b"x" * 100)
+    assert all(store.blobs.exists(b) for b in ids)
+    deleting.unlink_all(store.blobs, ids[:-1] + [new_id()])  # one that is not there: no error
+    assert [b for b in ids if store.blobs.exists(b)] == ids[-1:]
+    store.close()

@@ -5,7 +5,7 @@ import pytest
 from kvstore.errors import CorruptSnapshot
 from kvstore.records import (Access, BlobRef, Extent, Model, Segment, Snapshot, decode_access, decode_model,
                              decode_segment, decode_snapshot, encode_access, encode_model, encode_segment,
-                             encode_snapshot, pack, segment_from, unpack)
+                             encode_snapshot, pack, segment_from, segment_size, snapshot_summary, unpack)
 
 ID = bytes(range(16))
 
@@ -70,3 +70,41 @@ def test_informational_fields_of_the_wrong_type_read_as_empty():
     m = decode_model(pack({"name": 5, "vocab": "x", "sigs": [], "struct": 7}))
     assert (m.name, m.vocab, m.sigs, m.struct) == ("", None, {}, None)
     assert decode_access(b"\xc1") == Access() and decode_access(pack({"a": "x", "h": 2})) == Access(0.0, 2)
+
+
+MUTATIONS = [(f, v) for f in ("v", "fp", "tier", "n", "tok", "lay", "sid", "ext", "st", "trim", "own", "t", "ten",
+                              "links", "endl", "rows", "size", "hs", "refs", "at")
+             for v in (None, 0, 1, -1, True, 2.5, float("inf"), "x", b"x", ID, [], [[ID, 3]], [[ID, 0]], [ID, 1, 2],
+                       [[ID, 3], [b"short", 1]], [[ID, True]], {}, b"\0" * 12)] + [("drop", f) for f in ("links", "t")]
+
+
+def _mutated(base, field, value):
+    rec = dict(base)
+    if field == "drop":
+        rec.pop(value, None)
+    else:
+        rec[field] = value
+    return pack(rec)
+
+
+def _outcome(fn, raw):
+    try:
+        return fn(raw)
+    except CorruptSnapshot:
+        return "corrupt"
+
+
+@pytest.mark.parametrize("field,value", MUTATIONS)
+def test_listing_decoders_accept_exactly_what_the_full_decoders_accept(field, value):
+    """``snapshot_summary`` and ``segment_size`` (what a listing reads of every record) refuse
+    the same records as ``decode_snapshot`` / ``decode_segment`` and agree on every field."""
+    raw = _mutated(unpack(encode_snapshot(snapshot())), field, value)
+    full, brief = _outcome(decode_snapshot, raw), _outcome(snapshot_summary, raw)
+    if full == "corrupt":
+        assert brief == "corrupt"
+    else:
+        assert brief == (full.fingerprint, full.tier, full.n_tokens, [[e.segment, e.rows] for e in full.extents],
+                         full.state, full.trimmable, full.created)
+    raw = _mutated(unpack(encode_segment(Segment("f", 2, 0, 10, 1, 3))), field, value)
+    full, brief = _outcome(decode_segment, raw), _outcome(segment_size, raw)
+    assert brief == ("corrupt" if full == "corrupt" else (full.size, full.refs))

@@ -1,0 +1,60 @@
+"""Deleting many snapshots: transactions sized by time, blob files unlinked in parallel.
+
+``SnapshotStore.delete_planned`` (prune, rm and the disk budget) deletes a
+plan in runs of one index transaction each, then unlinks the blobs the run
+freed. Each commit is an fsync and holds LMDB's write lock, so a run takes
+at least ``DELETE_BATCH`` snapshots and then more while the transaction has
+lasted under ``DELETE_HOLD`` seconds. Blobs go only after the commit that
+dropped their last reference (a crash in between leaves orphan files, which
+gc removes, never a record without its blobs).
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..transactions import remove_snapshot
+
+DELETE_BATCH = 256
+DELETE_HOLD = 0.25
+DELETE_MAX = 16384
+# a run freeing at least UNLINK_PARALLEL blobs unlinks them from UNLINK_THREADS threads: each
+# unlink may wait on the file system's journal, and several wait together
+UNLINK_PARALLEL = 64
+UNLINK_THREADS = 8
+
+
+def remove_run(w, kbs, max_bytes=None):
+    """In the write view ``w``: delete a leading run of ``kbs`` (all of the first
+    ``DELETE_BATCH``, then more until ``DELETE_HOLD`` seconds have passed),
+    stopping once the store holds at most ``max_bytes``. Returns ``([bytes freed
+    or None per key handled], [blob ids to unlink after the commit], stopped)``."""
+    out, doomed = [], []
+    start = time.monotonic()
+    for n, kb in enumerate(kbs):
+        if n >= DELETE_BATCH and (n - DELETE_BATCH) % 64 == 0 and time.monotonic() - start > DELETE_HOLD:
+            break
+        if max_bytes is not None and w.counter("bytes") <= max_bytes:
+            return out, doomed, True
+        raw = w.snapshot(kb)
+        if raw is None:
+            out.append(None)
+            continue
+        blobs, freed = remove_snapshot(w, kb, raw)
+        doomed += blobs
+        out.append(freed)
+    return out, doomed, False
+
+
+def unlink_all(blobs, blob_ids):
+    """Unlink ``blob_ids`` from ``blobs``, from several threads when there are many."""
+
+    def run(ids):
+        for blob_id in ids:
+            blobs.unlink(blob_id)
+
+    if len(blob_ids) < UNLINK_PARALLEL:
+        return run(blob_ids)
+    run(blob_ids[:1])  # opens the blobs folder before the threads share it
+    rest = blob_ids[1:]
+    with ThreadPoolExecutor(UNLINK_THREADS) as pool:
+        list(pool.map(run, [rest[i::UNLINK_THREADS] for i in range(UNLINK_THREADS)]))
