@@ -13,7 +13,18 @@ Bytes are read once, straight into the memory of the MLX arrays the cache
 will hold, where MLX's memory is the host's (the CPU device, and Apple
 silicon's unified memory); under a device with memory of its own (CUDA)
 they are read into host buffers and copied to the device once.
+
+The first extent's buffers are made a few at a time on the caller's thread
+while a reader thread fills and checks the ones already made: making an MLX
+buffer faults in and zeroes its pages one by one (most of a warm restore on
+Linux), and reading with checks is the other half, so the two halves run on
+two cores side by side. Only the caller's thread calls MLX; the reader only
+copies bytes into memory it was handed and checksums them.
 """
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -26,6 +37,61 @@ def _unified():
     import mlx.core as mx
 
     return mx.default_device().type == mx.cpu or mx.metal.is_available()
+
+
+#: Bytes of buffers made per MLX evaluation before their reads are handed to the reader thread.
+ALLOC_GROUP = 4 << 20
+
+_pool = None
+_pool_pid = None
+_pool_lock = threading.Lock()
+
+
+def _reader():
+    """The process's restore reader thread (made again after a fork)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-restore")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _submit(fn, *args):
+    """``fn(*args)`` on the reader thread, or here when it cannot take work (interpreter shutdown)."""
+    try:
+        return _reader().submit(fn, *args)
+    except RuntimeError:
+        f = Future()
+        try:
+            f.set_result(fn(*args))
+        except BaseException as exc:
+            f.set_exception(exc)
+        return f
+
+
+def _groups(shapes):
+    """``shapes`` split into runs of about ``ALLOC_GROUP`` bytes, in order."""
+    group, size = {}, 0
+    for name, (shape, sd) in shapes.items():
+        group[name] = (shape, sd)
+        size += np.dtype(DTYPES[sd]).itemsize * int(np.prod(shape))
+        if size >= ALLOC_GROUP:
+            yield group
+            group, size = {}, 0
+    if group:
+        yield group
+
+
+def _finish(futures):
+    """Wait for every read handed out (the reader must be done before its blob closes); raise the first fault."""
+    first = None
+    for f in futures:
+        exc = f.exception()
+        if exc is not None and first is None:
+            first = exc
+    if first is not None:
+        raise first
 
 
 def alloc(shapes):
@@ -139,10 +205,25 @@ def _positional(blobs, rec, segs, tensors, n, read):
                 if shape[2] < take:
                     raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
             if dests is None:
-                # allocated only once a real blob has shown these shapes
-                dests = alloc({name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()})
-            for name, (_sd, (b, h, x)) in specs.items():
-                r.read_rows(name, take, dests[name][1].reshape(-1, cap, x)[:, pos : pos + take, :])
+                # allocated only once a real blob has shown these shapes, a group at a
+                # time, each group's reads running on the reader thread while the next
+                # group is made here
+                dests, futures = {}, []
+                try:
+                    for group in _groups({name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()}):
+                        if any(f.done() and f.exception() is not None for f in futures):
+                            break  # a fault already makes this a miss
+                        made = alloc(group)
+                        dests.update(made)
+                        for name, (_arr, host) in made.items():
+                            x = specs[name][1][2]
+                            futures.append(_submit(r.read_rows, name, take,
+                                                   host.reshape(-1, cap, x)[:, pos : pos + take, :]))
+                finally:
+                    _finish(futures)
+            else:
+                for name, (_sd, (b, h, x)) in specs.items():
+                    r.read_rows(name, take, dests[name][1].reshape(-1, cap, x)[:, pos : pos + take, :])
             read[0] += r.bytes_read
         pos += take
     if pos < n:
