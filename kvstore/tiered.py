@@ -65,20 +65,36 @@ def _as_list(tokens):
     return tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
 
 
+_ATOMIC = frozenset((int, float, str, bool, type(None)))
+
+
 def _detach(obj, found):
     """A copy of a cache's structure that shares its arrays; the copies' arrays appended to ``found``.
 
     New cache objects and containers, so nothing the caller does to its own
     objects (an offset moved, a state list slot replaced) reaches the copy;
-    each array gets a handle of its own on the same buffer (``copy.copy``):
+    each array gets a handle of its own on the same buffer (``__copy__``):
     the caller's ``a[i] = x`` rebinds only its handle, and MLX copies a
-    buffer that two handles share before writing into it.
+    buffer that two handles share before writing into it. This runs on the
+    caller's thread for every insert, so the common types are tested by
+    identity first and an object's attributes are copied in one loop.
     """
+    t = type(obj)
+    if t is mx.array:
+        a = obj.__copy__()
+        found.append(a)
+        return a
+    if t in _ATOMIC:
+        return obj
+    if t is list:
+        return [_detach(x, found) for x in obj]
+    if t is tuple:
+        return tuple(_detach(x, found) for x in obj)
     if isinstance(obj, mx.array):
         a = copy.copy(obj)
         found.append(a)
         return a
-    if obj is None or isinstance(obj, (int, float, str, bool)):
+    if isinstance(obj, (int, float, str, bool)):
         return obj
     if isinstance(obj, list):
         return [_detach(x, found) for x in obj]
@@ -87,8 +103,16 @@ def _detach(obj, found):
     d = getattr(obj, "__dict__", None)
     if d is None:
         return copy.deepcopy(obj)
-    new = object.__new__(type(obj))
-    new.__dict__.update({k: _detach(v, found) for k, v in d.items()})
+    new = object.__new__(t)
+    nd = new.__dict__
+    for k, v in d.items():
+        tv = type(v)
+        if tv is mx.array:
+            v = v.__copy__()
+            found.append(v)
+        elif tv not in _ATOMIC:
+            v = _detach(v, found)
+        nd[k] = v
     return new
 
 
