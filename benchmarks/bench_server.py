@@ -127,8 +127,12 @@ def one_round(kind, model, store, system, scratch):
 
 def main(argv=None):
     p = C.mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--rounds", type=int, help="rounds of both servers, interleaved (default: 2 with --full, "
+                                              "1 with --quick); more rounds steady the medians on a noisy machine")
     args = p.parse_args(argv)
-    cfg = MODES[args.mode]
+    cfg = dict(MODES[args.mode])
+    if args.rounds:
+        cfg["rounds"] = max(1, args.rounds)
     result = C.header("server", args.mode, argv)
     result["config"] = cfg
     result["servers"] = SERVERS
