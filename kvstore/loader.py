@@ -15,7 +15,8 @@ silicon's unified memory); under a device with memory of its own (CUDA)
 they are read into host buffers and copied to the device once.
 
 The first extent's buffers are made a few at a time on the caller's thread
-while a reader thread fills and checks the ones already made: making an MLX
+while a reader thread fills and checks the ones already made (a snapshot of
+under ``PIPELINE_MIN`` bytes is made and read in one go on the caller's thread): making an MLX
 buffer faults in and zeroes its pages one by one (most of a warm restore on
 Linux), and reading with checks is the other half, so the two halves run on
 two cores side by side. Only the caller's thread calls MLX; the reader only
@@ -41,6 +42,9 @@ def _unified():
 
 #: Bytes of buffers made per MLX evaluation before their reads are handed to the reader thread.
 ALLOC_GROUP = 4 << 20
+#: Below this many bytes of KV a restore reads on the caller's thread: the hand-offs
+#: to the reader thread would cost more than the overlap saves.
+PIPELINE_MIN = 16 << 20
 
 _pool = None
 _pool_pid = None
@@ -180,6 +184,12 @@ def _positional_specs(layout, tensors):
     return out
 
 
+def _read_rows(r, take, jobs):
+    """Read and check ``take`` rows of each ``(name, out)`` in ``jobs`` from the blob reader ``r``."""
+    for name, out in jobs:
+        r.read_rows(name, take, out)
+
+
 def _positional(blobs, rec, segs, tensors, n, read):
     """Positional KV of the first ``n`` tokens, read extent by extent into buffers with decode headroom."""
     from . import codec
@@ -209,16 +219,22 @@ def _positional(blobs, rec, segs, tensors, n, read):
                 # time, each group's reads running on the reader thread while the next
                 # group is made here
                 dests, futures = {}, []
+                shapes = {name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()}
+                inline = sum(np.dtype(DTYPES[sd]).itemsize * int(np.prod(shape))
+                             for shape, sd in shapes.values()) < PIPELINE_MIN
+                groups = [shapes] if inline else list(_groups(shapes))
                 try:
-                    for group in _groups({name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()}):
+                    for group in groups:
                         if any(f.done() and f.exception() is not None for f in futures):
                             break  # a fault already makes this a miss
                         made = alloc(group)
                         dests.update(made)
-                        for name, (_arr, host) in made.items():
-                            x = specs[name][1][2]
-                            futures.append(_submit(r.read_rows, name, take,
-                                                   host.reshape(-1, cap, x)[:, pos : pos + take, :]))
+                        jobs = [(name, host.reshape(-1, cap, specs[name][1][2])[:, pos : pos + take, :])
+                                for name, (_arr, host) in made.items()]
+                        if inline:
+                            _read_rows(r, take, jobs)
+                        else:
+                            futures.append(_submit(_read_rows, r, take, jobs))
                 finally:
                     _finish(futures)
             else:

@@ -1,6 +1,7 @@
 """The restore's two halves side by side: buffers made on the caller's thread,
-reads and checksums on the reader thread. Real LMDB, real blob files, a real
-tiny model; the group size is shrunk so that every tensor is its own group."""
+reads and checksums on the reader thread (a small snapshot is read without a
+hand-off). Real LMDB, real blob files, a real tiny model; the group size and
+the pipelining threshold are shrunk so that every tensor is its own group."""
 
 import json
 import logging
@@ -32,6 +33,7 @@ def prompt(n, seed=0):
 @pytest.fixture
 def one_group_per_tensor(monkeypatch):
     monkeypatch.setattr(loader, "ALLOC_GROUP", 1)
+    monkeypatch.setattr(loader, "PIPELINE_MIN", 0)
 
 
 @pytest.fixture
@@ -136,6 +138,18 @@ def test_restore_reads_on_the_callers_thread_when_the_reader_is_gone(
     monkeypatch.setattr(loader, "_reader", lambda: gone)
     got, rest = store.fetch_nearest(fp, toks + [7])
     assert got is not None and rest == [7]
+    assert set(watched["read"]) == {threading.current_thread().name}
+    _, warm = prefill(model, [7], got)
+    _, cold = prefill(model, toks + [7])
+    assert mx.array_equal(warm, cold)
+
+
+def test_a_small_snapshot_is_read_without_a_hand_off(store, tiny_model, load_tiny, watched, monkeypatch):
+    monkeypatch.setattr(loader, "ALLOC_GROUP", 1)  # many groups, but under PIPELINE_MIN: one
+    model, fp, toks, _cache = _saved(store, tiny_model, load_tiny)  # a few KB
+    got, rest = store.fetch_nearest(fp, toks + [7])
+    assert got is not None and rest == [7]
+    assert len(watched["alloc"]) == 1
     assert set(watched["read"]) == {threading.current_thread().name}
     _, warm = prefill(model, [7], got)
     _, cold = prefill(model, toks + [7])
