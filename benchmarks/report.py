@@ -717,7 +717,8 @@ def gaps_section(data):
                     f"lookup {ms(med(ks, 'lookup'))}, open {ms(med(ks, 'open'))}, buffers {ms(med(ks, 'alloc'))}, "
                     f"read {ms(med(ks, 'read'))}, "
                     f"verify {ms(med(ks, 'verify'))}, rebuild {ms(med(ks, 'rebuild'))}, other {ms(med(ks, 'other'))}"
-                    + (f", minus {ms(med(ks, 'overlap'))} run side by side" if med(ks, "overlap") else "") + "; "
+                    + (f", minus {ms(med(ks, 'overlap'))} run side by side"
+                       if (med(ks, "overlap") or 0) > 0.1 * med(ks, "fetch") else "") + "; "
                     f"a raw read of the same bytes into new memory {ms(med(R.get('raw_read_fresh', []), 'seconds'))} "
                     f"(into a new MLX buffer {ms(med(R.get('raw_read_mlx', []), 'seconds'))}), "
                     f"a memory copy {ms(med(R.get('memcpy', []), 'seconds'))}")
