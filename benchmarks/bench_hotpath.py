@@ -228,20 +228,8 @@ class WriteStages:
             if orig is None:
                 continue
             self._undo.append((obj, attr, orig))
-            setattr(obj, attr, self._timed(orig, name))
+            setattr(obj, attr, C.timed(orig, self.t, name))
         return self
-
-    def _timed(self, orig, name):
-        sink = self.t
-
-        def timed(*a, **k):
-            t = now()
-            try:
-                return orig(*a, **k)
-            finally:
-                sink[name] += now() - t
-
-        return timed
 
     def uninstall(self):
         for obj, attr, orig in reversed(self._undo):

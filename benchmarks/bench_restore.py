@@ -92,16 +92,7 @@ class Stages:
         orig = getattr(owner, attr, None)
         if orig is None:  # another version of kvstore: that stage is not timed
             return
-        sink = self.t
-
-        def timed(*a, **k):
-            t = now()
-            try:
-                return orig(*a, **k)
-            finally:
-                sink[name] += now() - t
-
-        setattr(owner, attr, timed)
+        setattr(owner, attr, C.timed(orig, self.t, name))
         self._undo.append((owner, attr, orig))
 
     def install(self):

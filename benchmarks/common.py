@@ -227,6 +227,19 @@ def now():
     return time.perf_counter()
 
 
+def timed(fn, sink, name):
+    """``fn``, adding the wall time of every call to ``sink[name]`` (a stage timer)."""
+
+    def wrapper(*a, **k):
+        t = now()
+        try:
+            return fn(*a, **k)
+        finally:
+            sink[name] += now() - t
+
+    return wrapper
+
+
 def summary(xs, p99=False):
     """Median and spread of a list of numbers (``None`` entries dropped)."""
     xs = [float(x) for x in xs if x is not None]
