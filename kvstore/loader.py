@@ -15,12 +15,12 @@ silicon's unified memory); under a device with memory of its own (CUDA)
 they are read into host buffers and copied to the device once.
 
 The first extent's buffers are made a few at a time on the caller's thread
-while a reader thread fills and checks the ones already made (a snapshot of
-under ``PIPELINE_MIN`` bytes is made and read in one go on the caller's thread): making an MLX
+while a reader thread fills and checks the ones already made: making an MLX
 buffer faults in and zeroes its pages one by one (most of a warm restore on
 Linux), and reading with checks is the other half, so the two halves run on
-two cores side by side. Only the caller's thread calls MLX; the reader only
-copies bytes into memory it was handed and checksums them.
+two cores side by side. A snapshot under ``PIPELINE_MIN`` bytes is made and
+read in one go on the caller's thread. Only the caller's thread calls MLX;
+the reader only copies bytes into memory it was handed and checksums them.
 """
 
 import os
@@ -190,6 +190,38 @@ def _read_rows(r, take, jobs):
         r.read_rows(name, take, out)
 
 
+def _jobs(dests, specs, cap, pos, take):
+    """``(name, rows pos..pos+take of its buffer)`` for each buffer in ``dests``."""
+    return [(name, host.reshape(-1, cap, specs[name][1][2])[:, pos : pos + take, :])
+            for name, (_arr, host) in dests.items()]
+
+
+def _alloc_and_read(r, specs, cap, take):
+    """Buffers with ``cap`` rows for every tensor of ``specs``, their first ``take`` rows read from ``r``.
+
+    From ``PIPELINE_MIN`` bytes up the buffers are made a group at a time here
+    while the reader thread reads and checks the groups already made; a fault
+    stops further allocation, and every read is waited for before returning
+    (the blob closes after).
+    """
+    shapes = {name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()}
+    if sum(np.dtype(DTYPES[sd]).itemsize * int(np.prod(shape)) for shape, sd in shapes.values()) < PIPELINE_MIN:
+        dests = alloc(shapes)
+        _read_rows(r, take, _jobs(dests, specs, cap, 0, take))
+        return dests
+    dests, futures = {}, []
+    try:
+        for group in _groups(shapes):
+            if any(f.done() and f.exception() is not None for f in futures):
+                break  # a fault already makes this a miss
+            made = alloc(group)
+            dests.update(made)
+            futures.append(_submit(_read_rows, r, take, _jobs(made, specs, cap, 0, take)))
+    finally:
+        _finish(futures)
+    return dests
+
+
 def _positional(blobs, rec, segs, tensors, n, read):
     """Positional KV of the first ``n`` tokens, read extent by extent into buffers with decode headroom."""
     from . import codec
@@ -214,32 +246,10 @@ def _positional(blobs, rec, segs, tensors, n, read):
                     raise CorruptSnapshot(f"segment tensor {name} has shape {shape} {r.dtype(name)}")
                 if shape[2] < take:
                     raise CorruptSnapshot(f"segment tensor {name} has {shape[2]} rows, need {take}")
-            if dests is None:
-                # allocated only once a real blob has shown these shapes, a group at a
-                # time, each group's reads running on the reader thread while the next
-                # group is made here
-                dests, futures = {}, []
-                shapes = {name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()}
-                inline = sum(np.dtype(DTYPES[sd]).itemsize * int(np.prod(shape))
-                             for shape, sd in shapes.values()) < PIPELINE_MIN
-                groups = [shapes] if inline else list(_groups(shapes))
-                try:
-                    for group in groups:
-                        if any(f.done() and f.exception() is not None for f in futures):
-                            break  # a fault already makes this a miss
-                        made = alloc(group)
-                        dests.update(made)
-                        jobs = [(name, host.reshape(-1, cap, specs[name][1][2])[:, pos : pos + take, :])
-                                for name, (_arr, host) in made.items()]
-                        if inline:
-                            _read_rows(r, take, jobs)
-                        else:
-                            futures.append(_submit(_read_rows, r, take, jobs))
-                finally:
-                    _finish(futures)
+            if dests is None:  # allocated only once a real blob has shown these shapes
+                dests = _alloc_and_read(r, specs, cap, take)
             else:
-                for name, (_sd, (b, h, x)) in specs.items():
-                    r.read_rows(name, take, dests[name][1].reshape(-1, cap, x)[:, pos : pos + take, :])
+                _read_rows(r, take, _jobs(dests, specs, cap, pos, take))
             read[0] += r.bytes_read
         pos += take
     if pos < n:
