@@ -74,12 +74,17 @@ def _submit(fn, *args):
         return f
 
 
+def _nbytes(shape, sdtype):
+    """Bytes of a tensor of ``shape`` in the container dtype of ``sdtype``."""
+    return np.dtype(DTYPES[sdtype]).itemsize * int(np.prod(shape))
+
+
 def _groups(shapes):
     """``shapes`` split into runs of about ``ALLOC_GROUP`` bytes, in order."""
     group, size = {}, 0
     for name, (shape, sd) in shapes.items():
         group[name] = (shape, sd)
-        size += np.dtype(DTYPES[sd]).itemsize * int(np.prod(shape))
+        size += _nbytes(shape, sd)
         if size >= ALLOC_GROUP:
             yield group
             group, size = {}, 0
@@ -119,7 +124,7 @@ def alloc(shapes):
             shape, sd = shapes[name]
             container = np.dtype(DTYPES[sd])
             mv = memoryview(arr)
-            if not mv.readonly and mv.c_contiguous and mv.nbytes == container.itemsize * int(np.prod(shape)):
+            if not mv.readonly and mv.c_contiguous and mv.nbytes == _nbytes(shape, sd):
                 out[name] = (arr, np.frombuffer(mv.cast("B"), dtype=container).reshape(shape))
     for name, (shape, sd) in shapes.items():
         if name not in out:
@@ -205,7 +210,7 @@ def _alloc_and_read(r, specs, cap, take):
     (the blob closes after).
     """
     shapes = {name: ((b, h, cap, x), sd) for name, (sd, (b, h, x)) in specs.items()}
-    if sum(np.dtype(DTYPES[sd]).itemsize * int(np.prod(shape)) for shape, sd in shapes.values()) < PIPELINE_MIN:
+    if sum(_nbytes(shape, sd) for shape, sd in shapes.values()) < PIPELINE_MIN:
         dests = alloc(shapes)
         _read_rows(r, take, _jobs(dests, specs, cap, 0, take))
         return dests
