@@ -2,8 +2,10 @@
 
 Tier order (assistant entries go before user entries, user before system),
 count and byte limits and the dropping of redundant trimmable prefixes
-behave exactly as in mlx-lm because they are mlx-lm's. This is the only
-module that reads ``LRUPromptCache`` internals (its prompt trie); it adds
+behave exactly as in mlx-lm because they are mlx-lm's. Its prompt trie is
+swapped for ``RadixTrie`` (same calls, same results, a step per branch
+point instead of per token). This is the only module that reads
+``LRUPromptCache`` internals (its prompt trie and LRU order); it adds
 what a tier in front of a store needs: planning a hit without copying it,
 an exact hit served one token short, and eviction counts.
 
@@ -15,13 +17,15 @@ import copy
 
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .trie import RadixTrie
+
 
 class MemoryTier:
     """Prompt caches in memory, keyed by (model key, tokens)."""
 
     def __init__(self, max_size=10, max_bytes=None):
         self._lru = LRUPromptCache(max_size, (1 << 63) if max_bytes is None else max_bytes)
-        self._trie = self._lru._trie
+        self._trie = self._lru._trie = RadixTrie()
 
     def __len__(self):
         return len(self._lru)
