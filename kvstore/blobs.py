@@ -59,7 +59,7 @@ def new_id():
 
 def is_blob_id(name):
     """True for a 32-hex-digit blob id."""
-    return isinstance(name, str) and len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+    return isinstance(name, str) and len(name) == 32 and not name.strip("0123456789abcdef")
 
 
 def _row_view(arr, rows_axis):

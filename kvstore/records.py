@@ -189,6 +189,14 @@ def snapshot_summary(raw):
             bool(rec.get("trim")), _created(rec))
 
 
+def snapshot_refs(raw):
+    """``([segment id, ...], state BlobRef or None)``: the blobs a snapshot record reads,
+    validated as ``decode_snapshot`` (gc reads every record for these alone)."""
+    rec = check_snapshot(unpack(raw))
+    st = rec.get("st")
+    return [bytes(e[0]) for e in rec["ext"]], BlobRef(bytes(st[0]), st[1], st[2]) if st else None
+
+
 def check_snapshot(rec):
     """``rec`` (a decoded map) if it has the shape ``put`` writes; ``CorruptSnapshot`` otherwise."""
     get = rec.get

@@ -13,36 +13,54 @@ request path.
 import stat
 import time
 from collections import Counter
+from itertools import repeat
+
+import xxhash
 
 from ..blobs import SUFFIX, is_blob_id
 from ..errors import CorruptSnapshot
-from ..records import decode_segment, decode_snapshot
+from ..records import segment_size, snapshot_refs
 from ..reports import Problem
 
 
 def _scan(store):
-    """Records, segments and access keys as one view saw them."""
+    """What one index view saw, read as it streams by (a store's records are not all held
+    at once): ``(digests, segs, accs, users, wanted)``.
+
+    ``digests``: ``{snapshot key: xxh3-128 of its record}`` (a later re-check compares
+    the record against it); ``segs``: ``{segment id: raw segment record}``; ``accs``:
+    access keys; ``users``: how many snapshots read each segment; ``wanted``: ``{blob
+    id: (a snapshot key reading it, size or None)}`` of every blob a well-formed record
+    references. A damaged record references nothing.
+    """
+    digests, states = {}, {}
+    read, readers = [], []  # every (segment, snapshot) pair, in two flat lists
     with store.index.read() as r:
-        raws = dict(r.snapshots())
+        for kb, raw in r.snapshots():
+            digests[kb] = xxhash.xxh3_128_intdigest(raw)
+            try:
+                segments, state = snapshot_refs(raw)
+            except CorruptSnapshot:
+                continue
+            read += segments
+            readers += repeat(kb, len(segments))
+            if state is not None:
+                states[state.blob.hex()] = (kb, state.size)
         segs = dict(r.segments())
         accs = list(r.access_keys())
-    snaps = {}
-    for kb, raw in raws.items():
-        try:
-            snaps[kb] = decode_snapshot(raw)
-        except CorruptSnapshot:
-            snaps[kb] = None
-    return raws, segs, accs, snaps
+    wanted = {sid.hex(): (kb, _size(segs.get(sid))) for sid, kb in dict(zip(read, readers)).items()}
+    wanted.update(states)
+    return digests, segs, accs, Counter(read), wanted
 
 
-def _sizes(segs):
-    out = {}
-    for sid, raw in segs.items():
-        try:
-            out[sid] = decode_segment(raw).size
-        except CorruptSnapshot:
-            out[sid] = None
-    return out
+def _size(raw):
+    """A segment record's size, ``None`` if the record is missing or damaged."""
+    if raw is None:
+        return None
+    try:
+        return segment_size(raw)[0]
+    except CorruptSnapshot:
+        return None
 
 
 def _temp_files(store, now, grace, dry_run, found):
@@ -81,15 +99,7 @@ def gc(store, grace=3600.0, dry_run=False):
     found, now = [], time.time()
     store.index.clear_stale_readers()
     _temp_files(store, now, grace, dry_run, found)
-    raws, segs, accs, snaps = _scan(store)
-    sizes = _sizes(segs)
-    wanted, users = {}, Counter()
-    for kb, snap in snaps.items():
-        for e in snap.extents if snap else ():
-            users[e.segment] += 1
-            wanted[e.segment.hex()] = (kb, sizes.get(e.segment))
-        if snap and snap.state:
-            wanted[snap.state.blob.hex()] = (kb, snap.state.size)
+    digests, segs, accs, users, wanted = _scan(store)
     on_disk = _blob_files(store, wanted, now, grace, dry_run, found)
     bad = []
     for blob_id, (kb, size) in wanted.items():
@@ -97,12 +107,15 @@ def gc(store, grace=3600.0, dry_run=False):
             bad.append(Problem("missing", kb.hex(), blob_id, "blob file is missing"))
         elif size is not None and on_disk[blob_id] != size:
             bad.append(Problem("corrupt", kb.hex(), blob_id, f"blob is {on_disk[blob_id]} bytes, index says {size}"))
-    broken = set()
+    broken = {}
     if bad:
         # a snapshot deleted (or deleted and stored again) by another
         # process since the scan took its blobs with it: not a fault
         with store.index.read() as r:
-            broken = {kb for kb in {bytes.fromhex(p.key) for p in bad} if r.snapshot(kb) == raws[kb]}
+            for kb in {bytes.fromhex(p.key) for p in bad}:
+                raw = r.snapshot(kb)
+                if raw is not None and xxhash.xxh3_128_intdigest(raw) == digests[kb]:
+                    broken[kb] = raw
         bad = [p for p in bad if bytes.fromhex(p.key) in broken]
         found.extend(bad)
         if not dry_run:
@@ -112,12 +125,12 @@ def gc(store, grace=3600.0, dry_run=False):
             for blob_id, reason in {p.blob: p.reason for p in bad}.items():
                 retire(store, blob_id, reason)
     stale_segs = [s for s in segs if users[s] == 0]
-    stale_acc = [k for k in accs if k not in raws]
+    stale_acc = [k for k in accs if k not in digests]
     for s in stale_segs:
         found.append(Problem("segment", None, s.hex(), "segment record no snapshot uses"))
     if not dry_run:
-        for kb in broken:
-            store.remove(kb, expect=raws[kb])
+        for kb, raw in broken.items():
+            store.remove(kb, expect=raw)
         _drop_stale(store, segs, stale_segs, stale_acc)
     return found
 
