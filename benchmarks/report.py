@@ -429,7 +429,13 @@ def hotpath_section(d):
                      f"{x['writes']['writes.done']}/{x['writes']['writes.queued']} written, "
                      f"{x['writes']['writes.dropped']} dropped"])
     out += [table(["prompt tokens", "KV", L["lru"] + " p50 / p99", L["tiered_mem"] + " p50 / p99",
-                   L["tiered_disk"] + " p50 / p99", "kvstore ÷ mlx-lm", "write-behind"], rows), ""]
+                   L["tiered_disk"] + " p50 / p99", "kvstore ÷ mlx-lm", "write-behind"], rows), "",
+            "Both keep mlx-lm's LRU policy (tier order, limits, redundant trimmable prefixes dropped); "
+            "mlx-lm's `PromptTrie` walks a dict per token, kvstore's memory tier a radix trie (`kvstore.trie`: "
+            "a tuple edge per run of tokens without a branch, the same results call for call), so for kvstore "
+            "a longer prompt costs C-speed tuple copies and comparisons, not a Python step per token. kvstore "
+            "also copies the cache's structure (new cache objects over the same arrays) and, with a store, "
+            "queues it for the writer.", ""]
     out += ["### fetch_nearest_cache: time per call", "",
             "`extend`: the stored prompt plus one token (memory covers all but the last token); `new_turn`: the "
             f"stored prompt plus {d['config']['new_turn']} new tokens (memory serves the stored prompt; kvstore also "
@@ -736,17 +742,21 @@ def gaps_section(data):
             "`load_prompt_cache` pays the same allocation). " + "; ".join(parts) + ".")
     h = data.get("hotpath")
     if h:
-        rows = []
+        rows, worst = [], 0.0
         for ins in h["insert"]:
             c = ins["calls"]
+            ratio = div(c['tiered_disk']['median'], c['lru']['median'])
+            worst = max(worst, ratio or 0.0)
             rows.append(f"{ins['tokens']:,} tokens {ms(c['tiered_disk']['median'], 2)} with a store, "
                         f"{ms(c['tiered_mem']['median'], 2)} memory only, {ms(c['lru']['median'], 2)} for mlx-lm "
-                        f"({times(div(c['tiered_disk']['median'], c['lru']['median']), 2)})")
-        items.append(
-            "**`insert_cache` on the caller's thread**: " + "; ".join(rows) + ". kvstore makes a structural copy "
-            "of the cache (new cache objects over the same arrays, no data copied), keeps its memory tier's "
-            "per-tier LRU lists and queues persisted tiers for the writer; mlx-lm's `LRUPromptCache` stores the "
-            "reference it is given.")
+                        f"({times(ratio, 2)})")
+        if worst > 1.1:  # the goal; below it this is not a place where kvstore is slower
+            items.append(
+                "**`insert_cache` on the caller's thread**: " + "; ".join(rows) + ". kvstore makes a structural "
+                "copy of the cache (new cache objects over the same arrays, no data copied), keeps mlx-lm's "
+                "LRU policy over a radix trie (a step per branch point, where mlx-lm's `PromptTrie` takes a "
+                "dict per token) and queues persisted tiers for the writer; mlx-lm's `LRUPromptCache` stores "
+                "the reference it is given.")
         wr = []
         for w in h["write"]:
             r_ = w["mb_per_s"]
