@@ -762,14 +762,16 @@ def gaps_section(data):
             r_ = w["mb_per_s"]
             wr.append(f"{w['shape']} {w['tokens']:,} tokens: `put` {r_['put']:,.0f} MB/s, queue {r_['queue']:,.0f} "
                       f"MB/s, raw fsynced write {r_['raw']:,.0f} MB/s")
-        items.append(
-            "**Snapshot writes** against a raw write of the same bytes fsynced with its folder: " + "; ".join(wr) +
-            ". A `put` checksums each 2 MB batch of its blob just before one `pwritev` and starts the disk on it "
-            "(`sync_file_range`), fsyncs the blob and its folder, then commits one index transaction. The queue's "
-            "writer thread runs at the lowest CPU priority while nobody waits for it (so a checkpoint never "
-            "takes CPU from a request) and at a waiting caller's priority during `flush` or an insert waiting for "
-            "room; the shared virtual disk's raw probe varies several-fold between repeats (the bench pairs "
-            "each round's contenders with that round's raw write).")
+        slowest = min(min(w["mb_per_s"]["put"], w["mb_per_s"]["queue"]) / w["mb_per_s"]["raw"] for w in h["write"])
+        if slowest < 0.9:  # the goal; above it this is not a place where kvstore is slower
+            items.append(
+                "**Snapshot writes** against a raw write of the same bytes fsynced with its folder: " + "; ".join(wr) +
+                ". A `put` checksums each 2 MB batch of its blob just before one `pwritev` and starts the disk on it "
+                "(`sync_file_range`), fsyncs the blob and its folder, then commits one index transaction. The queue's "
+                "writer thread runs at the lowest CPU priority while nobody waits for it (so a checkpoint never "
+                "takes CPU from a request) and at a waiting caller's priority during `flush` or an insert waiting for "
+                "room; the shared virtual disk's raw probe varies several-fold between repeats (the bench pairs "
+                "each round's contenders with that round's raw write).")
     s = data.get("scale")
     if s and "commands" in s:
         last = s["milestones"][-1]
@@ -780,14 +782,15 @@ def gaps_section(data):
             f"(hit), {ms(r['shared_system']['lookup']['median'], 2)} (shared system prompt), "
             f"{ms(r['miss']['lookup']['median'], 2)} (miss); `ls` {sec(cmds['ls'])}, prune of the assistant half "
             f"{sec(cmds['prune --tier assistant -y'])}, `gc` {sec(cmds['gc'])}. A lookup of a "
-            f"{s['config']['request_tokens']:,}-token prompt converts the token list once (0.3-0.4 ms of Python "
-            "for 32K ints, whatever the method), reuses the block hashes of recent chains and the records recent "
-            "lookups decoded while the index holds the same bytes, and reads the links of the deepest block in "
-            "LMDB (0.04-0.2 ms); its p99 is the second-worst of 200 samples, so a scheduler stall of this shared "
-            "machine decides it. `ls` of 100,000 rows: Python start and the CLI's imports 0.2 s, the warm index "
-            "scan and record decoding about 0.85 s, the rest per-row formatting; prune deletes in transactions "
-            "that grow while they take under 0.25 s (each commit is an fsync) and unlinks freed blobs from 8 "
-            "threads after the commit.")
+            f"{s['config']['request_tokens']:,}-token prompt converts the token list to int32 once (a pass of "
+            "Python over every token), reuses the block hashes of recent chains and the records recent lookups "
+            "decoded while the index holds the same bytes, and reads the links of the deepest block in LMDB; its "
+            "p99 is the second-worst of 200 samples, so a scheduler stall of this shared machine decides it. "
+            f"`ls -n 20 --sort -accessed` (the same index scan and decoding of every record, 20 rows printed) "
+            f"took {sec(cmds['ls -n 20 --sort -accessed'])} of `ls`'s {sec(cmds['ls'])}: the scan is most of it, "
+            "the rest is formatting 100,000 rows. Prune deletes in transactions that grow while they take under "
+            "0.25 s (each commit is an fsync) and unlinks freed blobs from 8 threads after the commit; gc streams "
+            "the index (a digest of each record kept for its re-check, not the record).")
     sv = data.get("server")
     if sv:
         def both(phase):
@@ -795,6 +798,7 @@ def gaps_section(data):
                     C.median([x["kvstore serve"][phase]["ttft"] for x in sv["rounds"]]))
 
         (ca, cb), (wa, wb) = both("cold"), both("warm")
+    if sv and max(div(cb, ca) or 0.0, div(wb, wa) or 0.0) > 1.03:  # the goal
         items.append(
             f"**Requests through `kvstore serve` that the disk does not help**: cold {sec(cb)} against "
             f"{sec(ca)} for mlx_lm.server ({times(div(cb, ca), 2)}); system prompt in memory {sec(wb)} against "
