@@ -184,7 +184,9 @@ def main(argv=None):
     from kvstore import SnapshotStore
 
     result = C.header("scale", args.mode, argv)
-    result["config"] = cfg
+    from kvstore.maintenance.deleting import DELETE_HOLD
+
+    result["config"] = {**cfg, "delete_hold_s": DELETE_HOLD}
     result["build_note"] = ("built with SnapshotStore.put(fsync=False) by %d processes at once, their LMDB "
                             "environments opened with sync=False (no fsync per index commit); tiny caches: "
                             "1 layer, 1 KV head of width 8, float16 (%d bytes per token)" %

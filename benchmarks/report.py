@@ -789,8 +789,10 @@ def gaps_section(data):
             f"`ls -n 20 --sort -accessed` (the same index scan and decoding of every record, 20 rows printed) "
             f"took {sec(cmds['ls -n 20 --sort -accessed'])} of `ls`'s {sec(cmds['ls'])}: the scan is most of it, "
             "the rest is formatting 100,000 rows. Prune deletes in transactions that grow while they take under "
-            "0.25 s (each commit is an fsync) and unlinks freed blobs from 8 threads after the commit; gc streams "
-            "the index (a digest of each record kept for its re-check, not the record).")
+            + (f"{s['config']['delete_hold_s']:g} s " if "delete_hold_s" in s["config"] else "a set time ") +
+            "(each commit is an fsync and writes every page the run dirtied) and unlinks freed blobs from 8 "
+            "threads after the commit; gc streams the index (a digest of each record kept for its re-check, "
+            "not the record).")
     sv = data.get("server")
     if sv:
         def both(phase):
