@@ -51,14 +51,15 @@ def gc_paused():
 
 
 def _segment_sizes(r):
-    """``{segment id: (size, users, hex id)}`` of every well-formed segment record, read in one pass."""
+    """``{segment id: (size, its share of it for one user, hex id, shared)}`` of every
+    well-formed segment record, read in one pass."""
     out = {}
     for sid, raw in r.segments():
         try:
             size, refs = segment_size(raw)
         except CorruptSnapshot:
             continue
-        out[sid] = (size, max(refs, 1), sid.hex())
+        out[sid] = (size, size // max(refs, 1), sid.hex(), refs > 1)
     return out
 
 
@@ -104,18 +105,18 @@ def _model_name(r, fingerprint):
 def _info(r, k, snap, name, segs):
     """The ``SnapshotInfo`` of one record (``snapshot_summary``), sizes from its segment records."""
     fp, tier, n, extents, state, trimmable, created = snap
-    size = split = own = 0
+    size = split = shared_size = 0
     sizes, shared = {}, []
     for seg, _rows in extents:
         got = segs.get(seg)
-        seg_size, refs, hexid = got if got is not None else (0, 1, seg.hex())
+        seg_size, part, hexid, many = got if got is not None else (0, 0, seg.hex(), False)
         sizes[hexid] = seg_size
         size += seg_size
-        split += seg_size // refs
-        if refs <= 1:
-            own += seg_size
-        else:
+        split += part
+        if many:
             shared.append(hexid)
+            shared_size += seg_size
+    own = size - shared_size
     if state:
         sizes[state.blob.hex()] = state.size
         size += state.size
