@@ -182,19 +182,11 @@ def snapshot_from(rec):
 def snapshot_summary(raw):
     """``(fingerprint, tier, n_tokens, [[segment, rows], ...], state BlobRef or None, trimmable, created)``
     of a snapshot record, validated as ``decode_snapshot`` but without building a ``Snapshot``
-    (a listing reads every record for these fields alone)."""
+    (a listing and gc read every record for these fields alone)."""
     rec = check_snapshot(unpack(raw))
     st = rec.get("st")
     return (rec["fp"], rec["tier"], rec["n"], rec["ext"], BlobRef(bytes(st[0]), st[1], st[2]) if st else None,
             bool(rec.get("trim")), _created(rec))
-
-
-def snapshot_refs(raw):
-    """``([segment id, ...], state BlobRef or None)``: the blobs a snapshot record reads,
-    validated as ``decode_snapshot`` (gc reads every record for these alone)."""
-    rec = check_snapshot(unpack(raw))
-    st = rec.get("st")
-    return [bytes(e[0]) for e in rec["ext"]], BlobRef(bytes(st[0]), st[1], st[2]) if st else None
 
 
 def check_snapshot(rec):

@@ -19,7 +19,7 @@ import xxhash
 
 from ..blobs import SUFFIX, is_blob_id
 from ..errors import CorruptSnapshot
-from ..records import segment_size, snapshot_refs
+from ..records import segment_size, snapshot_summary
 from ..reports import Problem
 
 
@@ -39,9 +39,10 @@ def _scan(store):
         for kb, raw in r.snapshots():
             digests[kb] = xxhash.xxh3_128_intdigest(raw)
             try:
-                segments, state = snapshot_refs(raw)
+                _fp, _tier, _n, extents, state, _trim, _created = snapshot_summary(raw)
             except CorruptSnapshot:
                 continue
+            segments = [seg for seg, _rows in extents]
             read += segments
             readers += repeat(kb, len(segments))
             if state is not None:
