@@ -23,6 +23,7 @@ def entries(index, fingerprint=None, tier=None):
     out, names = [], {}
     with index.read() as r, gc_paused():
         segs = _segment_sizes(r)
+        accesses = dict(r.accesses())  # one pass in key order, not a lookup per snapshot
         for k, raw in r.snapshots():
             try:
                 snap = snapshot_summary(raw)
@@ -34,7 +35,7 @@ def entries(index, fingerprint=None, tier=None):
                 continue
             if fp not in names:
                 names[fp] = _model_name(r, fp)
-            out.append(_info(r, k, snap, names[fp], segs))
+            out.append(_info(k, snap, names[fp], segs, accesses.get(k)))
     return out
 
 
@@ -102,8 +103,9 @@ def _model_name(r, fingerprint):
     return name or fingerprint
 
 
-def _info(r, k, snap, name, segs):
-    """The ``SnapshotInfo`` of one record (``snapshot_summary``), sizes from its segment records."""
+def _info(k, snap, name, segs, acc_raw):
+    """The ``SnapshotInfo`` of one record (``snapshot_summary``), sizes from its segment
+    records, last access from its raw access record (``None``: never accessed)."""
     fp, tier, n, extents, state, trimmable, created = snap
     size = split = shared_size = 0
     sizes, shared = {}, []
@@ -122,7 +124,6 @@ def _info(r, k, snap, name, segs):
         size += state.size
         split += state.size
         own += state.size
-    acc_raw = r.access(k)
     acc = decode_access(acc_raw) if acc_raw is not None else None
     accessed = acc.accessed if acc is not None and acc.accessed else created
     return SnapshotInfo(k.hex(), fp, name, tier, n, size, size - own, created, accessed,

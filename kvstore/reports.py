@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
-@dataclass
+@dataclass(slots=True)  # a listing holds one per snapshot: 100,000s
 class SnapshotInfo:
     """One snapshot as ``entries()`` lists it (no blob I/O needed).
 

@@ -55,6 +55,9 @@ class IndexReader(Protocol):
     def access_keys(self) -> Iterator:
         """Every key that has an access record."""
 
+    def accesses(self) -> Iterator:
+        """Every ``(snapshot key, raw access record)``."""
+
     def counter(self, name: str) -> int:
         """A counter every process agrees on (``bytes``, ``snapshots``)."""
 

@@ -78,6 +78,9 @@ class _View:
     def access_keys(self):
         return iter(list(self.i.tables["acc"]))
 
+    def accesses(self):
+        return iter(list(self.i.tables["acc"].items()))
+
     def snapshot_keys_from(self, start):
         return iter(sorted(k for k in self.i.tables["snap"] if k >= start))
 

@@ -81,10 +81,11 @@ class _View:
         return out
 
     def _items(self, db):
+        # transactions are opened without buffers: keys and values are bytes already, and
+        # the cursor iterates in C (a listing reads 100,000s of records through here)
         if self.dbs[db] is None:
-            return
-        for k, v in self.txn.cursor(db=self.dbs[db]):
-            yield bytes(k), bytes(v)
+            return iter(())
+        return iter(self.txn.cursor(db=self.dbs[db]))
 
     def snapshots(self):
         return self._items("snap")
@@ -98,6 +99,9 @@ class _View:
 
     def access_keys(self):
         return (bytes(k) for k in self.txn.cursor(db=self.dbs["acc"]).iternext(keys=True, values=False))
+
+    def accesses(self):
+        return self._items("acc")
 
     def snapshot_keys_from(self, start):
         """Snapshot keys in order from ``start`` (for resolving key prefixes)."""
