@@ -132,35 +132,80 @@ def remove_snapshot(w, key, raw):
     A malformed record is removed alone (gc later drops segments no record
     uses); a segment is freed with the last snapshot referencing it.
     """
-    try:
-        snap = snapshot_from(unpack(raw))
-    except CorruptSnapshot:
-        snap = None
-    doomed, freed = [], 0
-    for e in snap.extents if snap else ():
-        sraw = w.segment(e.segment)
-        if sraw is None:
-            continue
+    removal = Removal(w)
+    got = removal.remove(key, raw)
+    removal.finish()
+    return got
+
+
+class Removal:
+    """Snapshots removed in one write transaction (``remove`` each, then ``finish``).
+
+    Links, ends and records go at once; a segment's reference count is read
+    the first time one of them drops a reference and written once, by
+    ``finish``, with the counters: a run of deletions that shares a system
+    prompt's segments reads and rewrites each of them once, not once per
+    snapshot. ``freed`` is what the removals so far free, the store's
+    ``bytes`` counter less that until ``finish``.
+    """
+
+    def __init__(self, w):
+        self.w = w
+        self.freed = self.count = 0
+        self._segments = {}  # segment id -> [its Segment, references dropped], in first-drop order
+
+    def remove(self, key, raw):
+        """Remove one snapshot (``raw``: its record); return ``(blob ids to unlink, bytes freed)``.
+        A segment is freed by the removal that drops its last reference."""
+        w = self.w
         try:
-            seg = decode_segment(sraw)
+            snap = snapshot_from(unpack(raw))
         except CorruptSnapshot:
-            seg = Segment("", 1, None, 0, 0, 1)
-        if seg.refs - 1 <= 0:
-            w.delete_segment(e.segment)
-            doomed.append(e.segment.hex())
-            freed += seg.size
-        else:
-            seg.refs -= 1
-            w.put_segment(e.segment, encode_segment(seg))
-    if snap is not None:
-        if snap.state:
-            doomed.append(snap.state.blob.hex())
-            freed += snap.state.size
-        for link in snap.link_list():
-            w.remove_link(link, key)
-        w.remove_end(snap.end_link, snap.n_tokens, key)
-    w.delete_snapshot(key)
-    w.delete_access(key)
-    w.add_counter("bytes", -freed)
-    w.add_counter("snapshots", -1)
-    return doomed, freed
+            snap = None
+        doomed, freed = [], 0
+        for e in snap.extents if snap else ():
+            held = self._segments.get(e.segment)
+            if held is None:
+                sraw = w.segment(e.segment)
+                if sraw is None:
+                    continue
+                try:
+                    seg = decode_segment(sraw)
+                except CorruptSnapshot:
+                    seg = Segment("", 1, None, 0, 0, 1)
+                seg.refs = max(seg.refs, 1)  # this snapshot reads it: at least its reference
+                held = self._segments[e.segment] = [seg, 0]
+            seg = held[0]
+            if held[1] >= seg.refs:
+                continue  # freed by an earlier removal of this transaction
+            held[1] += 1
+            if held[1] >= seg.refs:
+                doomed.append(e.segment.hex())
+                freed += seg.size
+        if snap is not None:
+            if snap.state:
+                doomed.append(snap.state.blob.hex())
+                freed += snap.state.size
+            for link in snap.link_list():
+                w.remove_link(link, key)
+            w.remove_end(snap.end_link, snap.n_tokens, key)
+        w.delete_snapshot(key)
+        w.delete_access(key)
+        self.freed += freed
+        self.count += 1
+        return doomed, freed
+
+    def finish(self):
+        """Write the segments' new reference counts (deleting the freed ones) and the counters."""
+        w = self.w
+        for seg_id, (seg, dropped) in self._segments.items():
+            if dropped >= seg.refs:
+                w.delete_segment(seg_id)
+            else:
+                seg.refs -= dropped
+                w.put_segment(seg_id, encode_segment(seg))
+        self._segments.clear()
+        if self.count:
+            w.add_counter("bytes", -self.freed)
+            w.add_counter("snapshots", -self.count)
+        self.freed = self.count = 0

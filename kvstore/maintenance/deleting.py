@@ -16,7 +16,7 @@ gc removes, never a record without its blobs).
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..transactions import remove_snapshot
+from ..transactions import Removal
 
 DELETE_BATCH = 256
 DELETE_HOLD = 1.0
@@ -32,21 +32,25 @@ def remove_run(w, kbs, max_bytes=None):
     ``DELETE_BATCH``, then more until ``DELETE_HOLD`` seconds have passed),
     stopping once the store holds at most ``max_bytes``. Returns ``([bytes freed
     or None per key handled], [blob ids to unlink after the commit], stopped)``."""
-    out, doomed = [], []
+    out, doomed, stopped = [], [], False
+    removal = Removal(w)
+    before = w.counter("bytes") if max_bytes is not None else 0
     start = time.monotonic()
     for n, kb in enumerate(kbs):
         if n >= DELETE_BATCH and (n - DELETE_BATCH) % 64 == 0 and time.monotonic() - start > DELETE_HOLD:
             break
-        if max_bytes is not None and w.counter("bytes") <= max_bytes:
-            return out, doomed, True
+        if max_bytes is not None and before - removal.freed <= max_bytes:
+            stopped = True
+            break
         raw = w.snapshot(kb)
         if raw is None:
             out.append(None)
             continue
-        blobs, freed = remove_snapshot(w, kb, raw)
+        blobs, freed = removal.remove(kb, raw)
         doomed += blobs
         out.append(freed)
-    return out, doomed, False
+    removal.finish()
+    return out, doomed, stopped
 
 
 def unlink_all(blobs, blob_ids):

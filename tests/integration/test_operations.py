@@ -301,6 +301,45 @@ def test_prune_with_a_size_limit_stops_inside_a_large_transaction(tmp_path, monk
     store.close()
 
 
+def _segment_refs(store):
+    """``(refs each segment record holds, references the snapshot records make)`` by segment id."""
+    from collections import Counter
+
+    from kvstore.records import decode_segment, decode_snapshot
+
+    with store.index.read() as r:
+        held = {sid: decode_segment(raw).refs for sid, raw in r.segments()}
+        made = Counter(e.segment for _k, raw in r.snapshots() for e in decode_snapshot(raw).extents)
+    return held, dict(made)
+
+
+def test_one_transaction_of_deletions_leaves_what_deleting_one_at_a_time_leaves(tmp_path, monkeypatch):
+    """Deletions in one transaction read and write each shared segment once: the reference
+    counts, sizes, counters and files they leave equal those of one transaction per snapshot."""
+    from kvstore.maintenance import deleting
+
+    monkeypatch.setattr(deleting, "DELETE_HOLD", 60.0)
+    batched, single = seed_store(tmp_path / "a"), seed_store(tmp_path / "b")
+    plan = batched.plan_prune(tier=["assistant", "user"])
+    assert len(plan) == 10
+    commits = _commits(batched)
+    got = batched.prune(tier=["assistant", "user"])
+    assert commits[0] == 2  # the deletions, then the small commit after them
+    freed = sum(single.delete(e.key) for e in single.plan_prune(tier=["assistant", "user"]))
+    assert got == (10, freed) and freed > 0
+    for store in (batched, single):
+        held, made = _segment_refs(store)
+        assert held == made and len(held) > 0  # every record counts exactly its snapshots' references
+        assert store.gc(grace=0, dry_run=True) == []
+    sizes = [{e.key: (e.tier, e.bytes, e.unique_bytes, e.shared_bytes) for e in s.entries()} for s in (batched, single)]
+    assert sizes[0] == sizes[1] and {t for t, *_ in sizes[0].values()} == {"system"}
+    assert batched.total_bytes() == single.total_bytes() == blob_bytes(tmp_path / "a") == blob_bytes(tmp_path / "b")
+    with batched.index.read() as r, single.index.read() as q:
+        assert r.counter("snapshots") == q.counter("snapshots") == 2
+    batched.close()
+    single.close()
+
+
 # ------------------------------------------------- records reused by lookups
 def test_lookups_reuse_decoded_records_only_while_the_index_holds_the_same_bytes(tmp_path):
     """A lookup reuses the records earlier lookups decoded; a snapshot deleted and stored
