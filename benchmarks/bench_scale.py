@@ -137,14 +137,21 @@ def requests(cfg, long_tokens):
 
 
 def measure_lookups(store, reqs, reps, fetch=False):
+    """Lookups of each request, and beside each one the conversion every lookup starts with
+    (the request's token list to int32, ``as_tokens``): the floor a lookup cannot go under."""
+    from kvstore.keys import as_tokens
+
     out = {}
     for kind, req in reqs.items():
-        times, match = [], None
+        times, convert, match = [], [], None
         for _ in range(reps):
             t = now()
             match = store.lookup(FP, req)
             times.append(now() - t)
-        res = {"lookup": C.summary(times, p99=True),
+            t = now()
+            as_tokens(req)
+            convert.append(now() - t)
+        res = {"lookup": C.summary(times, p99=True), "convert": C.summary(convert, p99=True),
                "match": None if match is None else {"tokens": match.tokens, "kind": match.kind}}
         if fetch and match is not None:
             ft = []

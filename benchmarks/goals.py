@@ -99,10 +99,15 @@ def lookup(data):
     if not d:
         return None
     last = d["milestones"][-1]
-    p50 = max(r["lookup"]["median"] for r in last["requests"].values())
-    p99 = max(r["lookup"]["p99"] for r in last["requests"].values())
-    return (f"{last['snapshots']:,} snapshots: p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms (worst of hit, "
-            "shared system prompt, miss)"), p50 <= 0.5e-3 and p99 < 1e-3
+    reqs = last["requests"].values()
+    p50 = max(r["lookup"]["median"] for r in reqs)
+    p99 = max(r["lookup"]["p99"] for r in reqs)
+    text = (f"{last['snapshots']:,} snapshots: p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms (worst of hit, "
+            "shared system prompt, miss)")
+    if all("convert" in r for r in reqs):  # runs before the conversion was timed beside each lookup lack it
+        floor = max(r["convert"]["median"] for r in reqs)
+        text += f"; the token list's conversion alone, timed beside them: p50 {floor * 1e3:.2f} ms"
+    return text, p50 <= 0.5e-3 and p99 < 1e-3
 
 
 def caller_thread(data):
