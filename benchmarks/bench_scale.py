@@ -12,7 +12,8 @@ Measured: ``SnapshotStore.lookup`` (index only) and ``fetch_nearest`` (with
 blob I/O) for 32K-token prompts (a hit on the long conversation, a prompt
 that shares a popular system prompt, a miss) as the store grows; the
 ``kvstore`` commands ``ls``, ``stats``, ``prune`` (to half the bytes) and
-``gc``; bytes on disk with shared prefixes against what the snapshots would
+``gc``, each several times (medians; prune and gc on fresh copies of the
+store); bytes on disk with shared prefixes against what the snapshots would
 take unshared and the unique (distinct-prefix) bytes.
 
 Run: ``python benchmarks/bench_scale.py --quick`` (or ``--full``).
@@ -33,10 +34,10 @@ from common import log, now  # noqa: E402
 MODES = {
     "quick": {"snapshots": 5_000, "systems": 20, "turns": 4, "system_tokens": 512, "turn_tokens": (32, 128),
               "milestones": [1_000, 5_000], "lookups": 50, "final_lookups": 100, "request_tokens": 32_768,
-              "builders": 2},
+              "builders": 2, "command_runs": 1},
     "full": {"snapshots": 100_000, "systems": 100, "turns": 4, "system_tokens": 512, "turn_tokens": (32, 128),
              "milestones": [1_000, 10_000, 100_000], "lookups": 50, "final_lookups": 200, "request_tokens": 32_768,
-             "builders": 2},
+             "builders": 2, "command_runs": 3},
 }
 FP = "bench-scale-model"
 WIDTH = 8
@@ -272,21 +273,36 @@ def main(argv=None):
         if args.keep_store:
             shutil.copytree(store_path, args.keep_store, symlinks=True)
             log(f"scale: kept a copy of the store in {args.keep_store}")
-        # the admin commands, as a user runs them
+        # the admin commands, as a user runs them; each several times (medians): the reading ones
+        # on the store, prune and gc each on a fresh copy of it
         st = ["--store", str(store_path)]
-        cmds = {}
-        cmds["ls"], out = cli(*st, "ls")
-        cmds["ls_lines"] = out.count("\n")
-        cmds["ls -q"], _ = cli(*st, "-q", "ls")
-        cmds["ls -n 20 --sort -accessed"], _ = cli(*st, "ls", "-n", "20", "--sort", "-accessed")
-        cmds["stats"], _ = cli(*st, "stats")
-        # every second checkpoint of each conversation is tier assistant: half the store
-        cmds["prune --tier assistant -y"], out = cli(*st, "prune", "--tier", "assistant", "-y")
-        cmds["prune_output"] = out.strip().splitlines()[-1:] if out else []
-        with SnapshotStore(store_path) as s2:
-            cmds["after_prune"] = {"snapshots": len(s2.entries()), "bytes": s2.total_bytes()}
-        cmds["gc"], out = cli(*st, "gc")
-        cmds["gc_output"] = out.strip().splitlines()[-1:] if out else []
+        samples, cmds = {}, {}
+
+        def timed(name, *args):
+            secs, out = cli(*args)
+            samples.setdefault(name, []).append(secs)
+            return out
+
+        for i in range(cfg["command_runs"]):
+            out = timed("ls", *st, "ls")
+            cmds["ls_lines"] = out.count("\n")
+            timed("ls -q", *st, "-q", "ls")
+            timed("ls -n 20 --sort -accessed", *st, "ls", "-n", "20", "--sort", "-accessed")
+            timed("stats", *st, "stats")
+        for i in range(cfg["command_runs"]):
+            copy = scratch / f"pruned-{i}"
+            shutil.copytree(store_path, copy, symlinks=True)
+            os.sync()  # the copy's pages written out: a commit's fsync flushes only its own
+            # every second checkpoint of each conversation is tier assistant: half the store
+            out = timed("prune --tier assistant -y", "--store", str(copy), "prune", "--tier", "assistant", "-y")
+            cmds["prune_output"] = out.strip().splitlines()[-1:] if out else []
+            with SnapshotStore(copy) as s2:
+                cmds["after_prune"] = {"snapshots": len(s2.entries()), "bytes": s2.total_bytes()}
+            out = timed("gc", "--store", str(copy), "gc")
+            cmds["gc_output"] = out.strip().splitlines()[-1:] if out else []
+            shutil.rmtree(copy)
+        cmds.update({name: C.median(v) for name, v in samples.items()})
+        cmds["runs"] = samples
         result["commands"] = cmds
         log("scale: commands " + ", ".join(f"{k} {v:.1f}s" for k, v in cmds.items() if isinstance(v, float)))
     path = C.finish(result, out=args.out)
