@@ -203,25 +203,26 @@ def _longer(records, reader, chain, k):
 
 
 def _shorter(records, reader, chain, k, floor=0):
-    """The longest stored snapshot that is a strict prefix of the request (ending at level ``floor`` or deeper)."""
+    """The longest stored snapshot that is a strict prefix of the request (ending at level ``floor`` or deeper).
+
+    At each level the index compares the request's own key of each length with the
+    snapshots ending there (a system prompt that thousands of conversations continue
+    costs a probe per distinct length, not a step per conversation).
+    """
     m, block = len(chain), chain.block
     keys = {}  # several snapshots often end at one length: hash the request's key of each length once
+
+    def key_of(n):
+        got = keys.get(n)
+        if got is None:
+            got = keys[n] = chain.key(n)
+        return got
+
     for level in range(min(k, (m - 1) // block), floor - 1, -1):  # deepest first
-        found = None
-        for n, key in reader.ends_at(chain.links[level], None):
-            if n >= m or n == 0:
-                continue
-            mine = keys.get(n)
-            if mine is None:
-                mine = keys[n] = chain.key(n)
-            if mine != key:
-                continue
-            rec = records.get(key)
+        for n in reader.ends_matching(chain.links[level], m, key_of):  # most tokens first
+            rec = records.get(keys[n])
             if rec is not None and rec.n_tokens == n and rec.same_tokens(chain.tokens, n):
-                if found is None or n > found.tokens:
-                    found = Plan(key, n, "shorter", rec)
-        if found is not None:
-            return found
+                return Plan(keys[n], n, "shorter", rec)
     return None
 
 

@@ -100,6 +100,9 @@ class _Prefetched:
         items = self.ends.get(self.level.get(link), [])
         return items if limit is None else items[:limit]
 
+    def ends_matching(self, link, below, key_of):
+        return sorted({n for n, key in self.ends_at(link) if 0 < n < below and key == key_of(n)}, reverse=True)
+
     def segment(self, seg_id):
         return None
 

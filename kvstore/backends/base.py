@@ -43,6 +43,10 @@ class IndexReader(Protocol):
         """Up to ``limit`` (``None``: all) ``(tokens, key)`` of snapshots ending
         in the block after ``link``, fewest tokens first."""
 
+    def ends_matching(self, link: bytes, below: int, key_of: Callable[[int], bytes]) -> list:
+        """The token counts ``n`` under ``below`` at which the snapshot ``key_of(n)`` ends in the
+        block after ``link``, most tokens first."""
+
     def snapshots(self) -> Iterator:
         """Every ``(key, raw record)``."""
 

@@ -66,6 +66,10 @@ class _View:
     def ends_at(self, link, limit):
         return sorted(self.i.ends.get(link, ()), key=lambda e: e[0].to_bytes(4, "big") + e[1])[:limit]
 
+    def ends_matching(self, link, below, key_of):
+        ends = self.i.ends.get(link, ())
+        return sorted({n for n, key in ends if 0 < n < below and key == key_of(n)}, reverse=True)
+
     def snapshots(self):
         return iter(list(self.i.tables["snap"].items()))
 

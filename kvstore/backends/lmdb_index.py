@@ -30,6 +30,8 @@ DUPSORT = ("thru", "ends")
 # databases a store written by an older version may lack (opened read-only, they read as empty)
 OPTIONAL = ("files",)
 TABLES = {"snapshots": "snap", "segments": "seg"}
+# ends_matching steps through at most this many ends of one link, and seeks by count beyond
+ENDS_SCAN = 128
 # LMDB allows one environment per file per process: (pid, path) -> [env, dbs, users]
 _OPEN = {}
 _OPEN_LOCK = threading.Lock()
@@ -79,6 +81,32 @@ class _View:
                 if limit is not None and len(out) >= limit:
                     break
         return out
+
+    def ends_matching(self, link, below, key_of):
+        cur = self.txn.cursor(db=self.dbs["ends"])
+        out = []
+        if not cur.set_key(link):
+            return out
+        if cur.count() <= ENDS_SCAN:  # a few: step through them
+            for value in cur.iternext_dup():
+                n = int.from_bytes(value[:4], "big")
+                if n >= below:
+                    break
+                if n and key_of(n) == value[4:]:
+                    out.append(n)
+            return out[::-1]
+        # many (a system prompt thousands of conversations continue): values sort by the
+        # 4-byte big-endian count, then key, so seek once per distinct count and look up
+        # key_of(n) there, not a step per snapshot
+        found = True
+        while found:
+            n = int.from_bytes(cur.value()[:4], "big")
+            if n >= below:
+                break
+            if n and cur.set_key_dup(link, n.to_bytes(4, "big") + key_of(n)):
+                out.append(n)
+            found = cur.set_range_dup(link, (n + 1).to_bytes(4, "big"))
+        return out[::-1]
 
     def _items(self, db):
         # transactions are opened without buffers: keys and values are bytes already, and

@@ -1,4 +1,5 @@
-"""Matching on an in-memory index: no LMDB, no files, no MLX.
+"""Matching on an in-memory index: no files, no MLX (and on LMDB where its index
+answers a question its own way: the ends of a popular link).
 
 Every rule of DESIGN.md that decides a hit: the exact entry (trimmable
 only, served one token short), the longest stored prefix, the shared prefix
@@ -188,6 +189,38 @@ def test_every_plan_is_safe_and_the_longest_prefix_is_found(stored, n, variant):
         beyond = [(p.kind, p.tokens) for p in found if p.tokens > held]
         got = [(p.kind, p.tokens) for p in plans(idx, request, min_tokens=held)]
         assert got[:1] == beyond[:1], (held, got, beyond)
+
+
+def test_a_link_many_snapshots_end_after_is_matched_alike_by_stepping_and_by_seeking(tmp_path, monkeypatch):
+    """A prompt 300 conversations continue: LMDB seeks once per distinct length at the link
+    they all end after (more ends than ENDS_SCAN) instead of stepping through them; every
+    request gets the same plans as by stepping, and as from the in-memory index."""
+    from kvstore.backends import lmdb_index
+    from kvstore.backends.lmdb_index import LmdbIndex
+
+    rng = np.random.default_rng(7)
+    mem, lm = InMemoryIndex(), LmdbIndex(tmp_path / "index", 1 << 26)
+    head = SYS[:16]  # four full blocks: 17 to 19 tokens end in the block after the fourth link
+    stored = [head] + [head + [int(t) for t in rng.integers(1, 400, 1 + i % 3)] for i in range(300)]
+    stored += [head + [int(t) for t in rng.integers(1, 400, 4 + i % 4)] for i in range(20)]  # the next block
+    stored = list({tuple(x): x for x in stored}.values())
+    for s in stored:
+        for idx in (mem, lm):
+            add(idx, s, trimmable=bool(len(s) % 2))
+    with lm.read() as r:
+        assert len(r.ends_at(chain(head).links[4], None)) > lmdb_index.ENDS_SCAN
+    requests = ([s + [999] for s in stored[:80]] + [s[:-1] + [999, 998] for s in stored[1:80]]
+                + [s + [999] for s in stored[-20:]] + [head[:9] + [999]])
+
+    def found(idx):
+        return [[(p.kind, p.tokens, p.key) for p in plans(idx, q)] for q in requests]
+
+    seeking = found(lm)
+    monkeypatch.setattr(lmdb_index, "ENDS_SCAN", 10**9)
+    assert found(lm) == seeking == found(mem)
+    shorter = [x[0][1] for x in seeking if x and x[0][0] == "shorter"]
+    assert len(shorter) >= 100 and {17, 18, 19} <= set(shorter)  # the stored prefixes are found, at each length
+    lm.close()
 
 
 def test_a_one_token_request_gets_no_plan():
