@@ -283,7 +283,7 @@ def main(argv=None):
             samples.setdefault(name, []).append(secs)
             return out
 
-        for i in range(cfg["command_runs"]):
+        for _ in range(cfg["command_runs"]):
             out = timed("ls", *st, "ls")
             cmds["ls_lines"] = out.count("\n")
             timed("ls -q", *st, "-q", "ls")
