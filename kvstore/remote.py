@@ -78,12 +78,23 @@ def read_secret(secret=None, secret_file=None):
 
 
 class _Prefetched:
-    """An ``IndexReader`` over what one lookup returned (for ``plan_fetch``)."""
+    """An ``IndexReader`` over what one lookup returned (for ``plan_fetch``).
 
-    def __init__(self, chain, k, ends, through, records):
+    A level the lookup listed by lengths only (more ends than it lists) is
+    resolved when the plan first asks about it: ``resolve(link, keys)`` gets
+    the records of those of the request's own keys that end there, in one
+    more call; so does an end that matched but whose bundle did not fit in
+    the lookup's answer.
+    """
+
+    def __init__(self, chain, k, ends, through, records, resolve=None, asked=()):
         self.level = {link: i for i, link in enumerate(chain.links[: len(chain) // chain.block + 1])}
-        self.k, self.records = k, records
-        self.ends = {lvl: sorted((n, bytes.fromhex(key)) for n, key in items) for lvl, items in ends.items()}
+        self.k, self.records, self.resolve = k, records, resolve
+        self.asked = set(asked)  # keys whose bundles came already (a refused one is not asked for again)
+        self.ends, self.lengths = {}, {}
+        for lvl, items in ends.items():
+            self.ends[lvl] = sorted((n, bytes.fromhex(key)) for n, key in items if key)
+            self.lengths[lvl] = sorted({n for n, key in items if not key})
         self.through = [bytes.fromhex(t) for t in through]
 
     def snapshot(self, key):
@@ -101,7 +112,14 @@ class _Prefetched:
         return items if limit is None else items[:limit]
 
     def ends_matching(self, link, below, key_of):
-        return sorted({n for n, key in self.ends_at(link) if 0 < n < below and key == key_of(n)}, reverse=True)
+        lvl = self.level.get(link)
+        found = {n for n, key in self.ends.get(lvl, ()) if 0 < n < below and key == key_of(n)}
+        ask = found | {n for n in self.lengths.get(lvl, ()) if 0 < n < below}
+        missing = [key_of(n) for n in ask if key_of(n) not in self.records and key_of(n) not in self.asked]
+        if missing and self.resolve is not None:
+            self.asked.update(missing)
+            self.records.update(self.resolve(link, missing))
+        return sorted((n for n in ask if key_of(n) in self.records), reverse=True)
 
     def segment(self, seg_id):
         return None
@@ -234,7 +252,15 @@ class RemoteTier:
             return None
         k, ends, through, raws = got
         bundles = self._bundles(nsx, raws)
-        reader = _Prefetched(chain, k, ends, through, {key: b.snapshot for key, b in bundles.items()})
+
+        def resolve(link, keys):  # a crowded level's own keys, or bundles the lookup left out
+            raws = self._call(lambda: self.place.resolve(nsx, link.hex(), [key.hex() for key in keys]))
+            more = self._bundles(nsx, raws or {})
+            bundles.update(more)
+            return {key: b.snapshot for key, b in more.items()}
+
+        reader = _Prefetched(chain, k, ends, through, {key: b.snapshot for key, b in bundles.items()}, resolve,
+                             asked=(bytes.fromhex(key) for key in raws))
         for plan in plan_fetch(reader, chain, fp, min_tokens=min_tokens).plans:
             cache = self._load(store, fp, chain, plan, bundles[plan.key], nsx)
             if cache is not None:

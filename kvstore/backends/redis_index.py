@@ -4,6 +4,7 @@ Key layout under a deployment's prefix ``P`` (format version in the name):
 
   P:v1:{NS}:r:<key>      a snapshot's bundle (``kvstore.transfer``)
   P:v1:{NS}:e:<link>     hash: key -> tokens, snapshots ending in the block after ``link``
+  P:v1:{NS}:n:<link>     hash: tokens -> how many of those ends have that length
   P:v1:{NS}:t:<link>     hash: key -> tokens, snapshots passing through ``link``
   P:v1:{NS}:all          hash: key -> a small listing entry (tokens, tier, bytes, time)
   P:v1:{BLOB}:c:<i>      chunk ``i`` of a blob's bytes
@@ -15,8 +16,13 @@ each blob's chunks share a slot of their own. A lookup is one call of a
 server-side script over the request's block links: it finds the deepest
 link stored snapshots pass through, the snapshots ending on the way and a
 few passing through, and returns their bundles; entries whose bundle has
-expired or been evicted are removed as it goes. Writes put chunks first and
-the bundle and its index entries last, in one script call.
+expired or been evicted are removed as it goes. A link more than
+``ENDS_LISTED`` snapshots end after (a system prompt thousands of
+conversations continue) is answered with the distinct lengths ending there
+instead: the client hashes its own key of each length and asks for exactly
+those (``resolve``), a second round trip only when the plan reaches that
+link. Writes put chunks first and the bundle and its index entries last, in
+one script call.
 
 This module speaks to Redis through the ``redis`` client and nothing else;
 what a hit is stays with ``kvstore.matching``. Faults are the client's
@@ -32,10 +38,21 @@ VERSION = 1
 SCHEMES = ("redis", "rediss", "unix")
 # bundles a lookup returns at most
 MAX_RECORDS = 48
+# a link with more ends than this is listed by its distinct lengths, not its ends
+ENDS_LISTED = 128
+
+# the count of ends of length n after a link, one down (the field goes at zero)
+COUNT_DOWN = """
+local function count_down(link, n)
+  local nk = base .. 'n:' .. link
+  if redis.call('HINCRBY', nk, n, -1) <= 0 then redis.call('HDEL', nk, n) end
+end
+"""
 
 LOOKUP = """
 local base, L, maxc, floor, m = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local exact = ARGV[6]
+""" + COUNT_DOWN + """
 local links = {}
 for i = 0, L do links[i] = ARGV[7 + i] end
 local function thru(i)
@@ -61,12 +78,38 @@ end
 if k == L then add(exact) end
 local levels = {L}
 for i = k, floor, -1 do if i ~= L then table.insert(levels, i) end end
+-- the distinct lengths of the ends after a crowded link, from its counts; counted
+-- again from the ends when the counts do not add up (written before they were
+-- kept, or one of the two keys evicted)
+local function lengths(link, count)
+  local nk = base .. 'n:' .. link
+  local h = redis.call('HGETALL', nk)
+  local total, out = 0, {}
+  for j = 1, #h, 2 do total = total + tonumber(h[j + 1]); table.insert(out, h[j]) end
+  if total == count then return out end
+  redis.call('DEL', nk)
+  local seen = {}
+  out = {}
+  for _, n in ipairs(redis.call('HVALS', base .. 'e:' .. link)) do
+    if not seen[n] then seen[n] = 0; table.insert(out, n) end
+    seen[n] = seen[n] + 1
+  end
+  for n, c in pairs(seen) do redis.call('HSET', nk, n, c) end
+  return out
+end
 local ends = {}
 for _, i in ipairs(levels) do
-  local h = redis.call('HGETALL', base .. 'e:' .. links[i])
-  for j = 1, #h, 2 do
-    table.insert(ends, i); table.insert(ends, h[j]); table.insert(ends, h[j + 1])
-    if tonumber(h[j + 1]) <= m or i == L then add(h[j]) end
+  local count = redis.call('HLEN', base .. 'e:' .. links[i])
+  if count > LISTED then  -- (level, '', n): lengths only, for the client to resolve
+    for _, n in ipairs(lengths(links[i], count)) do
+      table.insert(ends, i); table.insert(ends, ''); table.insert(ends, n)
+    end
+  elseif count > 0 then
+    local h = redis.call('HGETALL', base .. 'e:' .. links[i])
+    for j = 1, #h, 2 do
+      table.insert(ends, i); table.insert(ends, h[j]); table.insert(ends, h[j + 1])
+      if tonumber(h[j + 1]) <= m or i == L then add(h[j]) end
+    end
   end
 end
 local through = {}
@@ -80,13 +123,34 @@ for _, key in ipairs(order) do
   if raw then table.insert(recs, key); table.insert(recs, raw) else gone[key] = true end
 end
 for j = 1, #ends, 3 do
-  if gone[ends[j + 1]] then redis.call('HDEL', base .. 'e:' .. links[ends[j]], ends[j + 1]) end
+  if gone[ends[j + 1]] and redis.call('HDEL', base .. 'e:' .. links[ends[j]], ends[j + 1]) == 1 then
+    count_down(links[ends[j]], ends[j + 2])
+  end
 end
 for _, key in ipairs(through) do
   if gone[key] then redis.call('HDEL', base .. 't:' .. links[k], key) end
 end
 return {k, ends, through, recs}
-""".replace("MAXREC", str(MAX_RECORDS))
+""".replace("MAXREC", str(MAX_RECORDS)).replace("LISTED", str(ENDS_LISTED))
+
+RESOLVE = """
+local base, link = ARGV[1], ARGV[2]
+""" + COUNT_DOWN + """
+local ek = base .. 'e:' .. link
+local out = {}
+for i = 3, #ARGV do
+  local n = redis.call('HGET', ek, ARGV[i])
+  if n then
+    local raw = redis.call('GET', base .. 'r:' .. ARGV[i])
+    if raw then
+      table.insert(out, ARGV[i]); table.insert(out, raw)
+    else
+      redis.call('HDEL', ek, ARGV[i]); count_down(link, n)
+    end
+  end
+end
+return out
+"""
 
 PUT = """
 local base, key, raw, n, endl, ttl, info = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
@@ -95,7 +159,7 @@ if ttl > 0 then
 else
   redis.call('SET', base .. 'r:' .. key, raw)
 end
-redis.call('HSET', base .. 'e:' .. endl, key, n)
+if redis.call('HSET', base .. 'e:' .. endl, key, n) == 1 then redis.call('HINCRBY', base .. 'n:' .. endl, n, 1) end
 for i = 8, #ARGV do redis.call('HSET', base .. 't:' .. ARGV[i], key, n) end
 redis.call('HSET', base .. 'all', key, info)
 return 1
@@ -103,8 +167,10 @@ return 1
 
 DELETE = """
 local base, key, endl = ARGV[1], ARGV[2], ARGV[3]
+""" + COUNT_DOWN + """
 local had = redis.call('DEL', base .. 'r:' .. key)
-redis.call('HDEL', base .. 'e:' .. endl, key)
+local n = redis.call('HGET', base .. 'e:' .. endl, key)
+if n then redis.call('HDEL', base .. 'e:' .. endl, key); count_down(endl, n) end
 for i = 4, #ARGV do redis.call('HDEL', base .. 't:' .. ARGV[i], key) end
 redis.call('HDEL', base .. 'all', key)
 return had
@@ -192,8 +258,9 @@ class RedisPlace:
         with self._lock:
             if self.client is None:
                 c, cluster = connect(self.url, self.connect_timeout, self.timeout)
-                self._scripts = (c.register_script(LOOKUP), c.register_script(PUT), c.register_script(DELETE))
-                for script in (LOOKUP, PUT, DELETE):  # loaded now, so a request's call is one round trip
+                scripts = (LOOKUP, PUT, DELETE, RESOLVE)
+                self._scripts = tuple(c.register_script(script) for script in scripts)
+                for script in scripts:  # loaded now, so a request's call is one round trip
                     c.script_load(script)
                 self.client, self.cluster = c, cluster
             return self.client
@@ -216,7 +283,8 @@ class RedisPlace:
     def lookup(self, nsx, links, exact, floor, m, maxc):
         """One script call: ``(k, ends {level: [(n, key hex)]}, through [key hex], bundles {key hex: raw})``
         for the hex ``links`` (levels 0..L) of a request of ``m`` tokens; ``k`` is -1 when nothing
-        passes through level ``floor``."""
+        passes through level ``floor``. A level with more than ``ENDS_LISTED`` ends lists each
+        distinct length once with an empty key: ``resolve`` finds which of them the request has."""
         self.open()
         base = self.base(nsx)
         k, ends, through, recs = self._scripts[0](
@@ -226,6 +294,14 @@ class RedisPlace:
             out.setdefault(int(ends[j]), []).append((int(ends[j + 2]), ends[j + 1].decode()))
         bundles = {recs[j].decode(): recs[j + 1] for j in range(0, len(recs), 2)}
         return int(k), out, [t.decode() for t in through], bundles
+
+    def resolve(self, nsx, link, keys):
+        """One script call: ``{key hex: bundle raw}`` of those ``keys`` (hex) that end after ``link``
+        (hex) and whose bundle is still there (entries whose bundle is gone are removed)."""
+        self.open()
+        base = self.base(nsx)
+        got = self._scripts[3](keys=[base + "all"], args=[base, link, *keys])
+        return {got[j].decode(): got[j + 1] for j in range(0, len(got), 2)}
 
     # ------------------------------------------------------------- chunks
     def get_chunks(self, specs):

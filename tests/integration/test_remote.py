@@ -83,6 +83,86 @@ def test_non_trimmable_served_only_at_exact_length(tiny_model, load_tiny, redis_
     b.close()
 
 
+@pytest.mark.parametrize("crowd", [60, 140])
+def test_a_prompt_many_conversations_continue_is_still_found(load_tiny, redis_server, tmp_path, crowd):
+    """A system prompt and ``crowd`` first turns that continue it, all ending in the block right
+    after the prompt, on a model whose caches cannot be trimmed: a new conversation is served
+    the prompt's own snapshot (more ends than a lookup returns bundles for, 60, and more than it
+    lists, 140), with the prompt's exact logits."""
+    model, _ = load_tiny("mamba")
+    system = prompt(32, seed=20)
+    a = kvstore.SnapshotStore(tmp_path / "a", block_tokens=16)
+    attach(a, redis_server.url)
+    a.put("fp", system, prefill(model, system)[0], "system")
+    for i in range(crowd):
+        toks = system + prompt(5, seed=100 + i)
+        a.put("fp", toks, prefill(model, toks)[0], "user")
+    assert a.remote.flush(60)
+    b = kvstore.SnapshotStore(tmp_path / "b", block_tokens=16)
+    tier = attach(b, redis_server.url)
+    req = system + prompt(10, seed=21)
+    cache, rest, match = b.fetch("fp", req)
+    assert match is not None and match.source == "remote" and match.tokens == len(system)
+    warm = model(mx.array(rest)[None], cache=cache)[0, -1]
+    assert float(mx.abs(warm - prefill(model, req)[1]).max()) == 0.0
+    # a conversation of the crowd is served its own snapshot as well
+    own = system + prompt(5, seed=100 + crowd // 2)
+    cache, rest, match = b.fetch("fp", own + [7])
+    assert match.source == "remote" and match.tokens == len(own) and rest == [7]
+    assert tier.stats()["remote.hits"] == 2
+    a.close()
+    b.close()
+
+
+def test_a_crowded_link_is_listed_by_lengths_and_its_counts_heal(redis_server):
+    """The index the lookup script keeps on the server: past ENDS_LISTED ends after one link a
+    lookup lists the distinct lengths, resolve returns exactly the keys asked for that are
+    there, and the per-length counts follow puts, deletes, expired bundles and a lost count key."""
+    from kvstore.backends.redis_index import ENDS_LISTED, RedisPlace
+
+    place = RedisPlace(redis_server.url, prefix="t")
+    client = place.open()
+    base = place.base("ns")
+    links = ["00", "aa", "bb"]  # a request's levels 0..2; the crowd ends after "bb"
+
+    def put(key, n, end="bb"):
+        place.put_bundle("ns", key, b"raw-" + key.encode(), n, end, links[1:3], b"info")
+
+    def counts():
+        return {int(n): int(c) for n, c in client.hgetall(base + "n:bb").items()}
+
+    def recount():
+        got = {}
+        for n in client.hvals(base + "e:bb"):
+            got[int(n)] = got.get(int(n), 0) + 1
+        return got
+
+    put("00" * 16, 40)
+    put("01" * 16, 41)
+    k, ends, _through, bundles = place.lookup("ns", links, "ff" * 16, 0, 45, 8)
+    assert k == 2 and sorted(ends[2]) == [(40, "00" * 16), (41, "01" * 16)]  # few: listed with their keys
+    assert set(bundles) == {"00" * 16, "01" * 16}
+    for i in range(ENDS_LISTED):
+        put(f"{i + 2:032x}", 42 + i % 3)
+    assert counts() == recount() == {40: 1, 41: 1, 42: 43, 43: 43, 44: 42}
+    k, ends, through, bundles = place.lookup("ns", links, "ff" * 16, 0, 45, 8)
+    assert k == 2 and sorted(ends[2]) == [(n, "") for n in range(40, 45)]  # many: lengths only
+    assert set(bundles) == set(through) and len(through) <= 8  # a few passing through, none for the ends
+    got = place.resolve("ns", "bb", ["00" * 16, "ee" * 16, f"{5:032x}"])
+    assert got == {"00" * 16: b"raw-" + b"00" * 16, f"{5:032x}": b"raw-" + f"{5:032x}".encode()}
+    # a deleted snapshot and an expired bundle both leave the counts equal to the ends
+    assert place.delete_bundle("ns", "01" * 16, "bb", links[1:3])
+    client.delete(base + "r:" + f"{5:032x}")
+    assert place.resolve("ns", "bb", [f"{5:032x}"]) == {}
+    assert counts() == recount() and 41 not in counts() and counts()[42] == 42
+    # the count key lost (evicted, or written before counts were kept): the next lookup counts again
+    put("ef" * 16, 44)  # ENDS_LISTED + 1 ends again
+    client.delete(base + "n:bb")
+    k, ends, _through, _bundles = place.lookup("ns", links, "ff" * 16, 0, 45, 8)
+    assert sorted(n for n, _key in ends[2]) == [40, 42, 43, 44] and counts() == recount()
+    place.close()
+
+
 def test_longer_trimmable_snapshot_serves_the_shared_prefix(load_tiny, redis_server, tmp_path):
     model, _ = load_tiny("llama")
     toks = prompt(80, seed=4)
