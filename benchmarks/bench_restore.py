@@ -39,10 +39,10 @@ from common import log, now  # noqa: E402
 
 MODES = {
     "quick": {"models": ["llama-135m"], "sizes": [512, 2048], "cold_sizes": {"llama-135m": [128]},
-              "repeats": 2, "slow_repeats": 1, "suffix": 16},
+              "repeats": 2, "slow_repeats": 1, "fresh_repeats": 1, "suffix": 16},
     "full": {"models": ["llama-135m", "qwen3-0.6b"], "sizes": [512, 2048, 8192],
              "cold_sizes": {"llama-135m": [128, 512], "qwen3-0.6b": [64, 128]},
-             "repeats": 5, "slow_repeats": 3, "suffix": 16},
+             "repeats": 5, "slow_repeats": 3, "fresh_repeats": 5, "suffix": 16},
 }
 MODEL_KEY = "bench-model"
 
@@ -331,7 +331,7 @@ def bench_model(name, cfg, scratch, result):
     model, _tok = mlx_lm.load(str(path))
     fp = kvstore.fingerprint(path)
     rng = np.random.default_rng(7)
-    reps, slow = cfg["repeats"], cfg["slow_repeats"]
+    reps, slow, fresh_reps = cfg["repeats"], cfg["slow_repeats"], cfg["fresh_repeats"]
     suffix = cfg["suffix"]
     stages = Stages().install()
     store_dir = scratch / f"store-{name}"
@@ -510,10 +510,10 @@ def bench_model(name, cfg, scratch, result):
             "kv_disk": (lambda: kv_disk(request, 1), reps), "kv_store": (kv_store, reps),
             "lru_near": (lru_near, slow), "kv_mem_near": (lambda: kv_fetch(tiered, near, "memory", suffix), slow),
             "kv_disk_near": (lambda: kv_disk(near, suffix), slow),
-            "kv_fresh_warm": (lambda: fresh("kvstore", False), slow),
-            "kv_fresh_cold": (lambda: fresh("kvstore", True), slow),
-            "mlx_fresh_warm": (lambda: fresh("mlx", False), slow),
-            "mlx_fresh_cold": (lambda: fresh("mlx", True), slow),
+            "kv_fresh_warm": (lambda: fresh("kvstore", False), fresh_reps),
+            "kv_fresh_cold": (lambda: fresh("kvstore", True), fresh_reps),
+            "mlx_fresh_warm": (lambda: fresh("mlx", False), fresh_reps),
+            "mlx_fresh_cold": (lambda: fresh("mlx", True), fresh_reps),
             "raw_write": (raw_write, reps), "raw_read_warm": (raw_read_warm, reps),
             "raw_read_fresh": (raw_read_fresh, reps), "raw_read_mlx": (raw_read_mlx, reps),
             "raw_read_cold": (raw_read_cold, reps), "memcpy": (memcpy, reps),
@@ -575,6 +575,7 @@ def main(argv=None):
     result["models"] = []
     with C.scratch() as scratch:
         result["cold_read_check"] = C.cold_read_works(scratch)
+        result["page_reporting"] = C.page_reporting()
         result["drop_method"] = ("os.posix_fadvise(POSIX_FADV_DONTNEED) after fsync on each file "
                                  f"(/proc/sys/vm/drop_caches writable: {C.drop_caches_writable()}, not used: "
                                  "machine-wide)")

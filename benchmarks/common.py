@@ -497,6 +497,30 @@ def drop_caches_writable():
     return os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
+def page_reporting():
+    """Whether this (virtual) machine hands memory processes free back to its host at once.
+
+    With free page reporting (a virtio balloon feature) on, a page a process
+    frees goes back to the host, and the next process to touch it pays the
+    host's fault as well as its own: new memory costs more than on bare metal,
+    and by how much swings with what else the host is doing. Returns
+    ``{"on": bool, "order": int, "min_free_ms": int}`` or ``None`` where the
+    kernel has no page reporting.
+    """
+    root = "/sys/module/page_reporting/parameters"
+    if not os.path.isdir(root):
+        return None
+
+    def param(name):
+        try:
+            return int(open(os.path.join(root, name)).read().strip())
+        except (OSError, ValueError):
+            return None
+
+    return {"on": (param("reported_kib") or 0) > 0, "order": param("page_reporting_order"),
+            "min_free_ms": param("min_free_ms")}
+
+
 # ----------------------------------------------------------------- output
 def header(bench, mode, argv=None):
     """The common head of a results file: command, machine, load average."""

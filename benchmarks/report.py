@@ -334,20 +334,44 @@ def restore_summary(d):
                   "mlx-lm load_prompt_cache, warm"], rows)
 
 
+def _fresh_alloc_spread(d):
+    """'' or how far the buffers of the largest snapshot's fresh warm restores spread in this run."""
+    best = None
+    for m in d["models"]:
+        for c in m["cases"]:
+            runs = [r["alloc"] for r in c["runs"].get("kv_fresh_warm", []) if r.get("alloc")]
+            if len(runs) > 1 and (best is None or c["kv_bytes"] > best[0]):
+                best = (c["kv_bytes"], m["model"], c["tokens"], min(runs), max(runs))
+    if best is None:
+        return ""
+    nbytes, model, n, lo, hi = best
+    return (f" (the buffers of the {model} {n:,}-token restore, {mb(nbytes)}, took {sec(lo)} in one fresh "
+            f"process of this run and {sec(hi)} in another)")
+
+
 def restore_section(d):
     cfg = d["config"]
     chk = d["cold_read_check"]
     out = ["## Restore: what a disk hit is worth", "",
            f"Script: `{cmd(d)}`; {loads_line(d)}. Repeats: {cfg['repeats']} for in-process contenders and "
-           f"probes, {cfg['slow_repeats']} for fresh processes, nearest hits and cold prefills; all interleaved, the "
-           "order rotating each repeat. Restored KV is random, of the model's real shape and dtype (bf16); cold "
-           "prefills are real forward passes of the random-weight model.",
+           f"probes, {cfg.get('fresh_repeats', cfg['slow_repeats'])} for fresh processes, {cfg['slow_repeats']} for "
+           "nearest hits and cold prefills; all interleaved, the order rotating each repeat. Restored KV is random, "
+           "of the model's real shape and dtype (bf16); cold prefills are real forward passes of the random-weight "
+           "model.",
            "",
            f"Page cache: dropped with {d['drop_method']}. Check in the same run: a {mb(chk['bytes'])} file read in "
            f"{sec(chk['warm_s'])} warm and {sec(chk['dropped_s'])} after the drop ({times(chk['ratio'])} slower)"
            + (", so the drop works; the dropped reads come from the virtual disk (which the host may cache in turn), "
               "not from this kernel's page cache." if chk["ratio"] and chk["ratio"] > 1.5 else
               ": the drop made no clear difference here, so the 'dropped' rows may have read cached pages."), ""]
+    pr = d.get("page_reporting")
+    if pr and pr.get("on"):
+        out += [f"New memory: this virtual machine reports the pages a process frees to its host at once (free "
+                f"page reporting, blocks of order {pr['order']}, {pr['min_free_ms']} ms after the free), so the "
+                "first touch of new memory faults on the host as well: a fresh process's allocations cost more, "
+                f"and vary more, than on bare metal{_fresh_alloc_spread(d)}. Every contender that allocates pays "
+                f"it; fresh processes run {cfg.get('fresh_repeats', cfg['slow_repeats'])} times each, interleaved, "
+                "and the tables quote medians.", ""]
     for m in d["models"]:
         info = m["info"]
         cfgm = info["config"]
