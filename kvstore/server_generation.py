@@ -21,7 +21,10 @@ it to add, on that same thread:
 - the checkpoints of a prefill written after the first token: the request
   cache defers their evaluation (``kvstore.pending``), and the generation
   thread queues them right after it hands the request's first token to the
-  HTTP thread (or when the request ends without one).
+  HTTP thread (or when the request ends without one);
+- while no request is waiting, the caches preloading or a promotion has read
+  enter the memory tier (``TieredPromptCache.settle``), so the first request
+  after a start does not put them there itself.
 
 It owns nothing of the HTTP layer. It never changes a response: the resume
 point is made after the reply has been handed to the client, and any fault in
@@ -156,8 +159,13 @@ class ResumeGenerator(server.ResponseGenerator):
 
     def _next_request(self, timeout=None):
         got = super()._next_request(timeout)
+        if got is None:  # idle: what preloading or a promotion has loaded enters memory now,
+            settle = getattr(self.prompt_cache, "settle", None)  # not on the next request's way
+            if settle is not None:
+                settle(0)
+            return got
         write_deferred = getattr(self.prompt_cache, "write_deferred", None)
-        if got is None or write_deferred is None:
+        if write_deferred is None:
             return got
         rqueue, request, args = got
         return _FirstToken(rqueue, self.prompt_cache), request, args

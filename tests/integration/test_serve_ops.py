@@ -104,6 +104,30 @@ def test_metrics_count_disk_hits_after_a_restart(tmp_path, tiny_model):
         in request_lines(log)[0]
 
 
+def test_preloaded_snapshots_enter_memory_before_the_first_request(tmp_path, tiny_model):
+    """With --preload, what was loaded is in the memory tier while the server is idle (the first
+    request does not insert it), and that request is a memory hit."""
+    store, model = tmp_path / "store", tiny_model("llama")
+    with Server(store, model) as s:
+        chat(s, "Do you sell hammers?")
+    with Server(store, model, "--preload") as s:
+        deadline = time.monotonic() + 60
+        while value(scrape(s), "kvstore_memory_entries") == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        m = scrape(s)
+        assert value(m, "kvstore_memory_entries") >= 1  # before any request
+        assert memory_hits(m) == 0
+        resp = chat(s, "What time do you open?")
+        m = scrape(s)
+    assert cached(resp) > 0
+    assert memory_hits(m) == 1 and value(m, "kvstore_requests_total", source="disk", tier="system") == 0
+
+
+def memory_hits(samples):
+    return sum(v for (name, labels), v in samples.items()
+               if name == "kvstore_requests_total" and ("source", "memory") in labels)
+
+
 def test_tenants_from_a_header_never_share(tmp_path, tiny_model):
     store, model = tmp_path / "store", tiny_model("qwen3_5")
     a, b = {"X-Tenant": "acme"}, {"X-Tenant": "globex"}
