@@ -371,7 +371,11 @@ def restore_section(d):
                 "first touch of new memory faults on the host as well: a fresh process's allocations cost more, "
                 f"and vary more, than on bare metal{_fresh_alloc_spread(d)}. Every contender that allocates pays "
                 f"it; fresh processes run {cfg.get('fresh_repeats', cfg['slow_repeats'])} times each, interleaved, "
-                "and the tables quote medians.", ""]
+                "and the tables quote medians. The slow runs fell more often on kvstore's fresh processes than on "
+                "mlx-lm's (whose load allocates the same bytes); the cause is not pinned down: the benchmark's own "
+                "process is idle meanwhile, the slow child spends about twice the CPU time of a fast one (the "
+                "kernel faulting pages in), and the same restore in this process (the in-process rows) makes the "
+                "same buffers in a fraction of that time.", ""]
     for m in d["models"]:
         info = m["info"]
         cfgm = info["config"]
