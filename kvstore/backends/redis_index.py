@@ -16,12 +16,14 @@ each blob's chunks share a slot of their own. A lookup is one call of a
 server-side script over the request's block links: it finds the deepest
 link stored snapshots pass through, the snapshots ending on the way and a
 few passing through, and returns their bundles; entries whose bundle has
-expired or been evicted are removed as it goes. A link more than
-``ENDS_LISTED`` snapshots end after (a system prompt thousands of
-conversations continue) is answered with the distinct lengths ending there
-instead: the client hashes its own key of each length and asks for exactly
-those (``resolve``), a second round trip only when the plan reaches that
-link. Writes put chunks first and the bundle and its index entries last, in
+expired or been evicted are removed as it goes. The bundles of a link's
+ends come with the answer only while it has at most ``ENDS_EAGER`` of them;
+beyond, the answer lists the ends' keys and the client asks for the one that
+is its own (``resolve``), and past ``ENDS_LISTED`` (a system prompt
+thousands of conversations continue) it lists only the distinct lengths
+ending there: the client hashes its own key of each length and asks for
+exactly those. Either is a second round trip, only when the plan reaches
+that link. Writes put chunks first and the bundle and its index entries last, in
 one script call.
 
 This module speaks to Redis through the ``redis`` client and nothing else;
@@ -40,6 +42,9 @@ SCHEMES = ("redis", "rediss", "unix")
 MAX_RECORDS = 48
 # a link with more ends than this is listed by its distinct lengths, not its ends
 ENDS_LISTED = 128
+# a link with at most this many ends comes with their bundles; beyond, the client asks
+# for the ones whose key is its own (most of a popular link's ends are other conversations)
+ENDS_EAGER = 16
 
 # the count of ends of length n after a link, one down (the field goes at zero)
 COUNT_DOWN = """
@@ -108,7 +113,7 @@ for _, i in ipairs(levels) do
     local h = redis.call('HGETALL', base .. 'e:' .. links[i])
     for j = 1, #h, 2 do
       table.insert(ends, i); table.insert(ends, h[j]); table.insert(ends, h[j + 1])
-      if tonumber(h[j + 1]) <= m or i == L then add(h[j]) end
+      if count <= EAGER and (tonumber(h[j + 1]) <= m or i == L) then add(h[j]) end
     end
   end
 end
@@ -131,7 +136,7 @@ for _, key in ipairs(through) do
   if gone[key] then redis.call('HDEL', base .. 't:' .. links[k], key) end
 end
 return {k, ends, through, recs}
-""".replace("MAXREC", str(MAX_RECORDS)).replace("LISTED", str(ENDS_LISTED))
+""".replace("MAXREC", str(MAX_RECORDS)).replace("LISTED", str(ENDS_LISTED)).replace("EAGER", str(ENDS_EAGER))
 
 RESOLVE = """
 local base, link = ARGV[1], ARGV[2]

@@ -115,10 +115,11 @@ def test_a_prompt_many_conversations_continue_is_still_found(load_tiny, redis_se
 
 
 def test_a_crowded_link_is_listed_by_lengths_and_its_counts_heal(redis_server):
-    """The index the lookup script keeps on the server: past ENDS_LISTED ends after one link a
-    lookup lists the distinct lengths, resolve returns exactly the keys asked for that are
-    there, and the per-length counts follow puts, deletes, expired bundles and a lost count key."""
-    from kvstore.backends.redis_index import ENDS_LISTED, RedisPlace
+    """The index the lookup script keeps on the server: a link's few ends come with their
+    bundles, more (past ENDS_EAGER) with their keys only, and past ENDS_LISTED a lookup lists
+    the distinct lengths; resolve returns exactly the keys asked for that are there, and the
+    per-length counts follow puts, deletes, expired bundles and a lost count key."""
+    from kvstore.backends.redis_index import ENDS_EAGER, ENDS_LISTED, RedisPlace
 
     place = RedisPlace(redis_server.url, prefix="t")
     client = place.open()
@@ -142,7 +143,12 @@ def test_a_crowded_link_is_listed_by_lengths_and_its_counts_heal(redis_server):
     k, ends, _through, bundles = place.lookup("ns", links, "ff" * 16, 0, 45, 8)
     assert k == 2 and sorted(ends[2]) == [(40, "00" * 16), (41, "01" * 16)]  # few: listed with their keys
     assert set(bundles) == {"00" * 16, "01" * 16}
-    for i in range(ENDS_LISTED):
+    for i in range(ENDS_EAGER):
+        put(f"{i + 2:032x}", 42 + i % 3)
+    k, ends, through, bundles = place.lookup("ns", links, "ff" * 16, 0, 45, 8)
+    assert len(ends[2]) == ENDS_EAGER + 2 and all(key for _n, key in ends[2])  # listed with their keys
+    assert set(bundles) == set(through)  # but their bundles only on request
+    for i in range(ENDS_EAGER, ENDS_LISTED):
         put(f"{i + 2:032x}", 42 + i % 3)
     assert counts() == recount() == {40: 1, 41: 1, 42: 43, 43: 43, 44: 42}
     k, ends, through, bundles = place.lookup("ns", links, "ff" * 16, 0, 45, 8)
