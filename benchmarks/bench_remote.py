@@ -18,7 +18,9 @@ those buffers). Then: 1, 2 and 4 concurrent readers (threads,
 each its own host and connection) against the same number of raw GET
 readers; the chunk size sweep; and a first request on a fresh host (empty
 local store, new connection) with and without the remote, with a real cold
-prefill of the model for the latter.
+prefill of the model for the latter. Last, lookups of a system prompt that
+0 to 20,000 conversations continue (the script's time, and whether the
+prompt's own snapshot is still found).
 
 Run: ``python benchmarks/bench_remote.py --quick`` (or ``--full``).
 """
@@ -40,9 +42,11 @@ from common import log, now  # noqa: E402
 MODEL = "llama-135m"
 MODES = {
     "quick": {"sizes": [512, 2048, 8192], "repeats": 5, "readers": [1, 2, 4], "reader_size": 2048,
-              "chunks": [1 << 20, 4 << 20, 16 << 20], "chunk_size": 2048, "cold": [512]},
+              "chunks": [1 << 20, 4 << 20, 16 << 20], "chunk_size": 2048, "cold": [512],
+              "popular": [0, 100, 1000, 5000], "lookups": 200},
     "full": {"sizes": [512, 2048, 8192], "repeats": 9, "readers": [1, 2, 4], "reader_size": 8192,
-             "chunks": [256 << 10, 1 << 20, 4 << 20, 16 << 20], "chunk_size": 8192, "cold": [512, 2048]},
+             "chunks": [256 << 10, 1 << 20, 4 << 20, 16 << 20], "chunk_size": 8192, "cold": [512, 2048],
+             "popular": [0, 100, 1000, 5000, 20000], "lookups": 200},
 }
 FP = "bench-remote"
 
@@ -290,6 +294,40 @@ def bench_fresh(cfg, url, tmp):
     return out
 
 
+def bench_popular(cfg, url):
+    """Lookups of a system prompt that N conversations continue, all ending in the block
+    right after it (their first turns): the script's time and whether the prompt's own
+    snapshot is found, as N grows. Index entries and bundles of 2 KB written through
+    ``RedisPlace`` (the script's work does not depend on what a bundle holds)."""
+    import os
+    import statistics
+
+    from kvstore.backends.redis_index import ENDS_LISTED, MAX_RECORDS, RedisPlace
+
+    place = RedisPlace(url, prefix="popular")
+    links = [f"{i:032x}" for i in range(1, 8)]  # levels 0..6 of the requests
+    raw, prompt_key = os.urandom(2048), "ab" * 16
+    place.put_bundle("ns", prompt_key, raw, 64, links[3], links[1:4], b"i")  # the prompt: 64 tokens
+    rows, have = [], 0
+    for n in cfg["popular"]:
+        for i in range(have, n):  # first turns: 65-80 tokens, ending after the block after the prompt
+            place.put_bundle("ns", f"{i:032x}", raw, 65 + i % 16, links[4], links[1:5], b"i")
+        have = n
+        times, found = [], False
+        for _ in range(cfg["lookups"]):
+            t = now()
+            _k, ends, _through, bundles = place.lookup("ns", links[:6], "ff" * 16, 0, 90, 8)
+            if prompt_key not in bundles and any(key in ("", prompt_key) for _n, key in ends.get(3, [])):
+                bundles = place.resolve("ns", links[3], [prompt_key])  # what the client asks next
+            times.append(now() - t)
+            found = prompt_key in bundles
+        rows.append({"conversations": n, "p50_s": statistics.median(times), "p99_s": C.summary(times, p99=True)["p99"],
+                     "found": found, "listed_by_length": any(key == "" for _n, key in ends.get(4, []))})
+        log(f"  popular prompt, {n} conversations: lookup p50 {rows[-1]['p50_s'] * 1e3:.2f} ms, found {found}")
+    place.close()
+    return {"rows": rows, "ends_listed": ENDS_LISTED, "max_records": MAX_RECORDS, "lookups": cfg["lookups"]}
+
+
 def main(argv=None):
     parser = C.mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
@@ -306,6 +344,7 @@ def main(argv=None):
         result["readers"] = bench_readers(cfg, url, tmp)
         result["chunks"] = bench_chunks(cfg, url, tmp)
         result["fresh_host"] = bench_fresh(cfg, url, tmp)
+        result["popular"] = bench_popular(cfg, url)
     finally:
         proc.kill()
         shutil.rmtree(tmp, ignore_errors=True)
