@@ -43,10 +43,10 @@ MODEL = "llama-135m"
 MODES = {
     "quick": {"sizes": [512, 2048, 8192], "repeats": 5, "readers": [1, 2, 4], "reader_size": 2048,
               "chunks": [1 << 20, 4 << 20, 16 << 20], "chunk_size": 2048, "cold": [512],
-              "popular": [0, 100, 1000, 5000], "lookups": 200},
+              "popular": [0, 10, 100, 1000, 5000], "lookups": 200},
     "full": {"sizes": [512, 2048, 8192], "repeats": 9, "readers": [1, 2, 4], "reader_size": 8192,
              "chunks": [256 << 10, 1 << 20, 4 << 20, 16 << 20], "chunk_size": 8192, "cold": [512, 2048],
-             "popular": [0, 100, 1000, 5000, 20000], "lookups": 200},
+             "popular": [0, 10, 100, 1000, 5000, 20000], "lookups": 200},
 }
 FP = "bench-remote"
 
@@ -302,7 +302,7 @@ def bench_popular(cfg, url):
     import os
     import statistics
 
-    from kvstore.backends.redis_index import ENDS_LISTED, MAX_RECORDS, RedisPlace
+    from kvstore.backends.redis_index import ENDS_EAGER, ENDS_LISTED, MAX_RECORDS, RedisPlace
 
     place = RedisPlace(url, prefix="popular")
     links = [f"{i:032x}" for i in range(1, 8)]  # levels 0..6 of the requests
@@ -313,19 +313,34 @@ def bench_popular(cfg, url):
         for i in range(have, n):  # first turns: 65-80 tokens, ending after the block after the prompt
             place.put_bundle("ns", f"{i:032x}", raw, 65 + i % 16, links[4], links[1:5], b"i")
         have = n
-        times, found = [], False
+        times, found, calls = [], False, 0
+        own = {n: os.urandom(16).hex() for n in range(65, 81)}  # the request's own keys of those lengths
         for _ in range(cfg["lookups"]):
             t = now()
             _k, ends, _through, bundles = place.lookup("ns", links[:6], "ff" * 16, 0, 90, 8)
-            if prompt_key not in bundles and any(key in ("", prompt_key) for _n, key in ends.get(3, [])):
-                bundles = place.resolve("ns", links[3], [prompt_key])  # what the client asks next
+            got, calls = set(bundles), 1
+            # what the client does next, deepest level first: the conversations' level asks for the
+            # request's own key of each length listed there (none is stored), then the prompt's
+            listed = ends.get(4, [])
+            # listed by keys: none is the request's own, nothing to ask; by lengths: ask for each
+            asked = sorted({own[n] for n, key in listed if not key})
+            if asked:
+                place.resolve("ns", links[4], asked)
+                calls += 1
+            if prompt_key not in bundles:
+                bundles = place.resolve("ns", links[3], [prompt_key])
+                calls += 1
             times.append(now() - t)
             found = prompt_key in bundles
         rows.append({"conversations": n, "p50_s": statistics.median(times), "p99_s": C.summary(times, p99=True)["p99"],
-                     "found": found, "listed_by_length": any(key == "" for _n, key in ends.get(4, []))})
+                     "found": found, "calls": calls,
+                     "listed": "lengths" if any(not key for _n, key in ends.get(4, [])) else
+                               "bundles" if ends.get(4) and all(key in got for _n, key in ends[4]) else
+                               "keys" if ends.get(4) else "-"})
         log(f"  popular prompt, {n} conversations: lookup p50 {rows[-1]['p50_s'] * 1e3:.2f} ms, found {found}")
     place.close()
-    return {"rows": rows, "ends_listed": ENDS_LISTED, "max_records": MAX_RECORDS, "lookups": cfg["lookups"]}
+    return {"rows": rows, "ends_eager": ENDS_EAGER, "ends_listed": ENDS_LISTED, "max_records": MAX_RECORDS,
+            "lookups": cfg["lookups"]}
 
 
 def main(argv=None):

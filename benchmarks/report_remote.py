@@ -43,16 +43,17 @@ def remote_section(d):
                      "speedup"], rows), ""]
     pop = d.get("popular")
     if pop:
-        rows = [[f"{r['conversations']:,}", R.ms(r["p50_s"]), R.ms(r["p99_s"]),
-                 "by length" if r["listed_by_length"] else "each end", "yes" if r["found"] else "**no**"]
-                for r in pop["rows"]]
+        rows = [[f"{r['conversations']:,}", R.ms(r["p50_s"]), R.ms(r["p99_s"]), r.get("listed", "-"),
+                 str(r.get("calls", "-")), "yes" if r["found"] else "**no**"] for r in pop["rows"]]
         out += [f"A system prompt that many conversations continue ({pop['lookups']} lookups each; every "
                 "conversation's first turn ends in the block right after the prompt; index entries and 2 KB "
-                "bundles written directly): the lookup script's time, plus the `resolve` call a lookup makes when "
-                f"that block is listed by its lengths (more than {pop['ends_listed']:,} ends), and whether the "
-                f"prompt's own snapshot is found (a lookup returns at most {pop['max_records']} bundles at once):",
-                "", R.table(["conversations", "lookup p50", "lookup p99", "block listed", "prompt found"], rows),
-                ""]
+                "bundles written directly; the request continues the prompt with turns of its own): the lookup "
+                "with the `resolve` calls the client makes after it, deepest block first (the conversations' "
+                "block, listed with its ends' bundles up to "
+                f"{pop.get('ends_eager', '-')} ends, their keys up to {pop['ends_listed']:,}, its lengths beyond; "
+                "then the prompt's), and whether the prompt's own snapshot is found:",
+                "", R.table(["conversations", "p50", "p99", "conversations' block listed by", "calls",
+                             "prompt found"], rows), ""]
     return "\n".join(out)
 
 
