@@ -80,11 +80,11 @@ def read_secret(secret=None, secret_file=None):
 class _Prefetched:
     """An ``IndexReader`` over what one lookup returned (for ``plan_fetch``).
 
-    A level the lookup listed by lengths only (more ends than it lists) is
-    resolved when the plan first asks about it: ``resolve(link, keys)`` gets
-    the records of those of the request's own keys that end there, in one
-    more call; so does an end that matched but whose bundle did not fit in
-    the lookup's answer.
+    A level the lookup listed without its bundles (by its ends' keys, or by
+    their lengths only) is resolved when the plan first asks about it:
+    ``resolve(link, keys)`` gets, in one more call, the records of those of
+    the request's own keys that end there (for a level listed by keys, only
+    the ones that matched).
     """
 
     def __init__(self, chain, k, ends, through, records, resolve=None, asked=()):
